@@ -253,7 +253,7 @@ def write_report(out: str, report_dir: str | None = None, workers: int = 8) -> s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="preprocessing output root (local path or fsspec URL)")
-    parser.add_argument("--out", dest="report_dir", default=None, help="report directory (default OUT/report)")
+    parser.add_argument("--out", dest="report_dir", default=None, help="report dir (default OUT/report)")
     parser.add_argument("--workers", type=int, default=8, help="shards read in parallel (I/O bound)")
     args = parser.parse_args(argv)
     try:

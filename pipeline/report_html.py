@@ -139,8 +139,8 @@ def _warnings(reports: dict[str, Any]) -> list[str]:
     out = []
     for kind, rep in reports.items():
         if rep.incomplete_shards:
-            out.append(f"{kind}: {len(rep.incomplete_shards)} incomplete shard(s) (no NNNNNN.json) not counted: "
-                       + ", ".join(rep.incomplete_shards[:10]))
+            out.append(f"{kind}: {len(rep.incomplete_shards)} incomplete shard(s) (no NNNNNN.json) "
+                       "not counted: " + ", ".join(rep.incomplete_shards[:10]))
         if rep.samples != rep.status.get("ok", 0):
             out.append(f"{kind}: the tars hold {rep.samples} samples but the status tables say "
                        f"{rep.status.get('ok', 0)} ok")
@@ -188,7 +188,8 @@ def render(reports: dict[str, Any], dataset: dict[str, Any], source: str) -> dic
              f"<p>Pearson correlation of per-clip mean motion and γa: <b>{pearson}</b> "
              "(paper Fig. 10: 0.40 with DINO features).</p>", f"<p>{html.escape(note)}</p>"]
     if warnings:
-        parts += ["<h2>Warnings</h2><ul>", *[f"<li class='warn'>{html.escape(w)}</li>" for w in warnings], "</ul>"]
+        items = [f"<li class='warn'>{html.escape(w)}</li>" for w in warnings]
+        parts += ["<h2>Warnings</h2><ul>", *items, "</ul>"]
     for name, title in PLOTS.items():
         parts.append(f"<h2>{html.escape(title)}</h2><img src='{name}' alt='{html.escape(title)}'>")
     if dataset:

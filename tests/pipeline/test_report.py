@@ -62,7 +62,8 @@ def prep_out(tmp_path: Path) -> tuple[Path, list[SampleRecord]]:
     rng = np.random.default_rng(0)
     recs = [_video_record(i, rng) for i in range(6)]
     out = tmp_path / "out"
-    _write_shard(out, "videos", 0, recs[:4], [("/data/bad0.mp4", "decode_error"), ("/data/s.mp4", "too_short")])
+    failed = [("/data/bad0.mp4", "decode_error"), ("/data/s.mp4", "too_short")]
+    _write_shard(out, "videos", 0, recs[:4], failed)
     _write_shard(out, "videos", 1, recs[4:], [("/data/bad1.mp4", "decode_error")])
     _write_shard(out, "videos", 2, [_video_record(9, rng)], [("/data/t.mp4", "timeout")], commit=False)
     img = SampleRecord(key=sample_key("/data/a.png"), caption="a", latents=rng.normal(size=(4, 8, 16)),
