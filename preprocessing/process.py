@@ -1,0 +1,132 @@
+"""Per-sample preprocessing: `Decoder` (file -> cropped uint8 pixels) and `Encoder` (pixels ->
+latents, motion factors, appearance matrix, text tokens -> `SampleRecord`).
+
+The pipeline calls them per row; every failure is a `SampleError` with a stable reason code
+and a message naming the file, never an exception that kills the worker.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from preprocessing.encode import Encoder
+from preprocessing.image import allow_up_to, load_image
+from preprocessing.isolation import VideoDecoderProcess
+from preprocessing.settings import ImageConfig, VideoConfig
+from preprocessing.shard_format import SampleError, sample_key
+
+__all__ = ["Decoded", "Decoder", "Encoder", "clean_caption"]
+
+KINDS = ("video", "image")
+
+
+@dataclass
+class Decoded:
+    key: str
+    kind: str  # "video" | "image"
+    source: str
+    caption: str
+    pixels: np.ndarray  # uint8 [F,H,W,3] (video) or [H,W,3] (image), resized + centre-cropped
+    meta: dict[str, Any] = field(default_factory=dict)  # becomes KEY.json (plus model ids)
+
+
+_SPACES = re.compile(r"\s+")
+
+
+def clean_caption(caption: Any, source: str) -> str:
+    """Caption with control characters removed and whitespace collapsed; SampleError
+    `bad_caption` when it is missing, not text, or empty after cleaning."""
+    if caption is None or (isinstance(caption, float) and np.isnan(caption)):
+        raise SampleError("bad_caption", f"{source}: caption is missing (null); every row needs a caption")
+    if isinstance(caption, bytes):
+        try:
+            caption = caption.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SampleError("bad_caption", f"{source}: caption bytes are not UTF-8") from None
+    if not isinstance(caption, str):
+        raise SampleError("bad_caption", f"{source}: caption must be text, got {type(caption).__name__}")
+    # Cc = control characters (newlines become spaces), Cf = invisible format chars (zero-width).
+    text = "".join(" " if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch for ch in caption)
+    text = "".join(ch for ch in text if unicodedata.category(ch) not in ("Cf", "Cs", "Co"))
+    text = _SPACES.sub(" ", text).strip()
+    if not text:
+        raise SampleError("bad_caption", f"{source}: caption is empty (after removing control characters)")
+    return text
+
+
+def check_local(source: str) -> None:
+    """`missing_file` / `empty_file` for a local path, without reading it."""
+    try:
+        st = os.stat(source)
+    except FileNotFoundError:
+        raise SampleError("missing_file", f"{source}: no such file (check the manifest path)") from None
+    except OSError as exc:
+        raise SampleError("missing_file", f"{source}: cannot stat: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise SampleError("missing_file", f"{source}: is not a regular file")
+    if st.st_size == 0:
+        raise SampleError("empty_file", f"{source}: file is empty (0 bytes)")
+
+
+def read_local(source: str) -> bytes:
+    """Bytes of a local file; `missing_file` / `empty_file` name the path."""
+    try:
+        with open(source, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise SampleError("missing_file", f"{source}: no such file (check the manifest path)") from None
+    except IsADirectoryError:
+        raise SampleError("missing_file", f"{source}: is a directory, not a file") from None
+    except PermissionError:
+        raise SampleError("missing_file", f"{source}: permission denied") from None
+    if not data:
+        raise SampleError("empty_file", f"{source}: file is empty (0 bytes)")
+    return data
+
+
+class Decoder:
+    """File -> `Decoded`. Videos decode in an isolated, recycled child process."""
+
+    def __init__(self, video: VideoConfig, image: ImageConfig, decode_threads: int = 0):
+        self.video = video
+        self.image = image
+        self._videos = VideoDecoderProcess(video, threads=decode_threads)
+        allow_up_to(image.max_pixels)
+
+    def decode(self, kind: str, source: str, caption: Any, data: bytes | None = None) -> Decoded:
+        """Decode `source` (a local path, or any URI when `data` holds its bytes)."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be 'video' or 'image', got {kind!r}")
+        text = clean_caption(caption, source)
+        key = sample_key(source)
+        if data is not None and not data:
+            raise SampleError("empty_file", f"{source}: file is empty (0 bytes)")
+        if kind == "image":
+            pixels, meta = load_image(source, read_local(source) if data is None else data, self.image)
+            meta.update(width=self.image.width, height=self.image.height)
+        else:
+            if data is None:
+                check_local(source)  # the child opens the path itself: no bytes through the pipe
+            pixels, meta = self._videos.decode(source, key, data)
+            meta.update(
+                frames=self.video.frames, width=self.video.width, height=self.video.height,
+                target_fps=self.video.target_fps,
+            )
+        return Decoded(key=key, kind=kind, source=source, caption=text, pixels=pixels,
+                       meta={"source": source, "kind": kind, **meta})
+
+    def close(self) -> None:
+        self._videos.close()
+
+    def __enter__(self) -> Decoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
