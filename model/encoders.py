@@ -55,9 +55,27 @@ def load_vae(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype =
         # SD repos keep the VAE in a `vae` subfolder; bare VAE repos do not.
         try:
             vae = AutoencoderKL.from_pretrained(spec, subfolder="vae")
-        except (OSError, EnvironmentError):
+        except OSError:
             vae = AutoencoderKL.from_pretrained(spec)
     return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """Scaled latents `[B,4,F,h,w]` (or `[B,4,h,w]`) -> pixels `[B,3,F,H,W]` (or `[B,3,H,W]`) in
+    [-1, 1], float32. Frames are decoded `chunk` at a time to bound memory."""
+    if latents.ndim not in (4, 5) or latents.shape[1] != vae.config.latent_channels:
+        raise ValueError(f"latents must be [B,{vae.config.latent_channels},F,h,w] or [B,C,h,w], "
+                         f"got {tuple(latents.shape)}")
+    video = latents.ndim == 5
+    x = latents if video else latents[:, :, None]
+    b, c, f, h, w = x.shape
+    param = next(vae.parameters())
+    flat = x.transpose(1, 2).reshape(b * f, c, h, w) / float(vae.config.scaling_factor)
+    frames = [vae.decode(part.to(param.device, param.dtype)).sample.float().clamp(-1, 1)
+              for part in flat.split(chunk)]
+    out = torch.cat(frames).reshape(b, f, 3, *frames[0].shape[-2:]).transpose(1, 2)
+    return out if video else out[:, :, 0]
 
 
 def _tiny_clip():
