@@ -9,8 +9,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
-
 
 class TooShort(ValueError):
     """The video has fewer frames than one clip needs, even at stride 1."""
@@ -45,50 +43,37 @@ def select_frames(
 
 @dataclass(frozen=True)
 class Crop:
-    """Resize (w,h) to cover (W,H) keeping aspect, then centre-crop to W×H."""
+    """Resize-to-cover + centre crop, expressed as the source box that maps onto W×H.
+
+    Cropping the source first and resizing the box straight to W×H is the same transform as
+    resizing the whole frame to cover W×H and then centre-cropping (to within a pixel of
+    rounding), but never resizes pixels that are thrown away.
+    """
 
     src_w: int
     src_h: int
-    resized_w: int
-    resized_h: int
-    left: int  # crop offset in the resized frame
+    left: int
     top: int
+    box_w: int
+    box_h: int
     width: int
     height: int
 
-    def box_in_source(self) -> list[float]:
-        """[x0, y0, x1, y1] of the crop in original pixel coordinates (for KEY.json)."""
-        sx, sy = self.src_w / self.resized_w, self.src_h / self.resized_h
-        return [
-            round(self.left * sx, 2),
-            round(self.top * sy, 2),
-            round((self.left + self.width) * sx, 2),
-            round((self.top + self.height) * sy, 2),
-        ]
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) in source pixels."""
+        return self.left, self.top, self.left + self.box_w, self.top + self.box_h
 
     def meta(self) -> dict:
-        return {
-            "original_size": [self.src_w, self.src_h],
-            "resized_size": [self.resized_w, self.resized_h],
-            "crop_box": self.box_in_source(),
-        }
+        return {"original_size": [self.src_w, self.src_h], "crop_box": list(self.box)}
 
 
 def cover_crop(src_w: int, src_h: int, width: int, height: int) -> Crop:
-    """Geometry of resize-to-cover + centre crop. The resized frame is never smaller than W×H."""
+    """Largest centred source box with the target's aspect ratio (the part that stays visible
+    after resize-to-cover), at least 1×1 source pixel."""
     if min(src_w, src_h, width, height) < 1:
         raise ValueError(f"sizes must be positive, got source {src_w}x{src_h}, target {width}x{height}")
-    scale = max(width / src_w, height / src_h)
-    rw = max(width, round(src_w * scale))
-    rh = max(height, round(src_h * scale))
-    return Crop(src_w, src_h, rw, rh, (rw - width) // 2, (rh - height) // 2, width, height)
-
-
-def crop_array(pixels: np.ndarray, crop: Crop) -> np.ndarray:
-    """Centre-crop an already resized [..., rh, rw, 3] array."""
-    if pixels.shape[-3:-1] != (crop.resized_h, crop.resized_w):
-        raise ValueError(
-            f"expected frames of {crop.resized_w}x{crop.resized_h}, got {pixels.shape[-2]}x{pixels.shape[-3]}"
-        )
-    sl = pixels[..., crop.top : crop.top + crop.height, crop.left : crop.left + crop.width, :]
-    return np.ascontiguousarray(sl)
+    scale = max(width / src_w, height / src_h)  # resize factor that makes the frame cover W×H
+    box_w = min(src_w, max(1, round(width / scale)))
+    box_h = min(src_h, max(1, round(height / scale)))
+    return Crop(src_w, src_h, (src_w - box_w) // 2, (src_h - box_h) // 2, box_w, box_h, width, height)

@@ -1,5 +1,5 @@
 """Image decoding with Pillow: any mode to RGB, EXIF orientation, decompression-bomb limit,
-then the same resize-to-cover + centre crop as video frames (SPEC §2)."""
+then the same resize-to-cover + centre crop as video frames (SPEC §2, `transform.py`)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from preprocessing.geometry import cover_crop
 from preprocessing.settings import ImageConfig
 from preprocessing.shard_format import SampleError
+from preprocessing.transform import resize_box
 
 
 def allow_up_to(max_pixels: int) -> None:
@@ -52,12 +53,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def resize_cover_crop(img: Image.Image, width: int, height: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """uint8 [H,W,3] after resize-to-cover (antialiased) and centre crop; geometry for KEY.json."""
+    """uint8 [H,W,3] after resize-to-cover + centre crop (the video transform); geometry."""
     crop = cover_crop(img.width, img.height, width, height)
-    if (img.width, img.height) != (crop.resized_w, crop.resized_h):
-        img = img.resize((crop.resized_w, crop.resized_h), Image.BICUBIC, reducing_gap=3.0)
-    box = (crop.left, crop.top, crop.left + width, crop.top + height)
-    return np.asarray(img.crop(box), dtype=np.uint8).copy(), crop.meta()
+    box = np.asarray(img.crop(crop.box), dtype=np.uint8)
+    return resize_box(box[None], width, height)[0], crop.meta()
 
 
 def load_image(source: str, data: bytes, cfg: ImageConfig) -> tuple[np.ndarray, dict[str, Any]]:

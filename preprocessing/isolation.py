@@ -10,27 +10,29 @@ One long-lived child per worker decodes all videos; the worker survives anything
 - it is restarted every `decoder_recycle_every` videos, so decord's leaks never accumulate.
 
 The child is a fresh interpreter (`python -m preprocessing.video`) talking over a socketpair
-with `multiprocessing.connection` framing. Unlike multiprocessing's spawn/forkserver contexts,
-this never re-imports the parent's `__main__` (a Ray worker's entry script), and frames come
-back as raw bytes plus a small JSON header instead of pickles.
+(`preprocessing.wire`: JSON header + raw bytes, never pickles). Unlike multiprocessing's
+spawn/forkserver contexts, this never re-imports the parent's `__main__` (a Ray worker's entry
+script). Frames arrive in chunks cropped to the source box; the worker resizes chunk k while
+the child decodes chunk k+1.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-from multiprocessing.connection import Connection
+import time
 from typing import Any
 
 import numpy as np
 
+from preprocessing import wire
 from preprocessing.settings import VideoConfig
 from preprocessing.shard_format import SampleError
+from preprocessing.transform import resize_box
 
 _START_TIMEOUT_S = 120.0  # interpreter + decord import; not charged to any video
 
@@ -42,9 +44,9 @@ class VideoDecoderProcess:
         self.cfg = cfg
         self.threads = threads  # decord decoding threads; 0 = ffmpeg's choice
         self.decodes_since_start = 0
-        self.restarts = 0
+        self.starts = 0  # child processes started so far (first start, crashes, recycling)
         self._proc: subprocess.Popen | None = None
-        self._conn: Connection | None = None
+        self._sock: socket.socket | None = None
         self._stderr = None
 
     @property
@@ -68,29 +70,31 @@ class VideoDecoderProcess:
             )
         finally:
             child_sock.close()
-        self._conn = Connection(parent_sock.detach())
-        if not self._conn.poll(_START_TIMEOUT_S):
-            tail = self._stop(kill=True)
-            raise RuntimeError(f"video decoder child did not start within {_START_TIMEOUT_S:.0f}s: {tail}")
+        self._sock = parent_sock
         try:
-            self._conn.recv_bytes()
-        except (EOFError, OSError):
+            parent_sock.settimeout(_START_TIMEOUT_S)
+            wire.recv_header(parent_sock)
+        except (EOFError, OSError) as exc:
             tail = self._stop(kill=True)
-            raise RuntimeError(f"video decoder child failed to start: {tail}") from None
+            raise RuntimeError(
+                f"video decoder child failed to start ({type(exc).__name__}; is video.decode_memory_mb="
+                f"{self.cfg.decode_memory_mb} enough for Python + ffmpeg?): {tail}"
+            ) from None
         self.decodes_since_start = 0
-        self.restarts += 1
+        self.starts += 1
 
     def _stop(self, kill: bool) -> str:
         """Stop the child; returns the tail of its stderr (ffmpeg/abort messages) for details."""
-        proc, conn = self._proc, self._conn
-        self._proc = self._conn = None
-        if conn is not None:
+        proc, sock = self._proc, self._sock
+        self._proc = self._sock = None
+        if sock is not None:
             if not kill:
                 try:
-                    conn.send_bytes(b'{"quit": true}')
+                    sock.settimeout(5)
+                    wire.send(sock, {"quit": True})
                 except OSError:
                     pass
-            conn.close()
+            sock.close()
         if proc is not None:
             if kill:
                 proc.kill()
@@ -114,43 +118,63 @@ class VideoDecoderProcess:
     def decode(
         self, source: str, key: str, data: bytes | None = None, *, _test_hook: str | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        """uint8 [F,H,W,3] frames (cropped to W×H) and their metadata; raises SampleError."""
+        """uint8 [F,H,W,3] frames (resized + centre-cropped to W×H) and metadata; SampleError."""
         if self._proc is None or self._proc.poll() is not None:
             self._stop(kill=True)
             self._start()
         cfg = self.cfg
         req = {
-            "source": source, "key": key, "has_data": data is not None, "frames": cfg.frames,
-            "width": cfg.width, "height": cfg.height, "target_fps": cfg.target_fps,
-            "threads": self.threads, "test_hook": _test_hook,
+            "source": source, "key": key, "frames": cfg.frames, "width": cfg.width, "height": cfg.height,
+            "target_fps": cfg.target_fps, "threads": self.threads, "test_hook": _test_hook,
         }
+        deadline = time.monotonic() + cfg.decode_timeout_s
         try:
             try:
-                self._conn.send_bytes(json.dumps(req).encode())
-                if data is not None:
-                    self._conn.send_bytes(data)
-                if not self._conn.poll(cfg.decode_timeout_s):
-                    self._stop(kill=True)
-                    raise SampleError(
-                        "timeout",
-                        f"{source}: decoding took longer than {cfg.decode_timeout_s:g}s; the decoder was "
-                        f"killed (raise video.decode_timeout_s if such files are legitimate)",
-                    )
-                header = json.loads(self._conn.recv_bytes())
-                frames = None
-                if header.get("ok"):
-                    # Received straight into a writable array: no pickle, no extra copy.
-                    frames = np.empty(header["shape"], dtype=np.uint8)
-                    self._conn.recv_bytes_into(frames.reshape(-1))
-            except (EOFError, OSError, ConnectionError):
+                frames, meta = self._exchange(req, data, deadline)
+            except TimeoutError:
+                self._stop(kill=True)
+                raise SampleError(
+                    "timeout",
+                    f"{source}: decoding took longer than {cfg.decode_timeout_s:g}s; the decoder was "
+                    f"killed (raise video.decode_timeout_s if such files are legitimate)",
+                ) from None
+            except (EOFError, OSError):
                 raise self._crashed(source) from None
         finally:
             self.decodes_since_start += 1
             if self._proc is not None and self.decodes_since_start >= cfg.decoder_recycle_every:
                 self._stop(kill=False)
-        if not header["ok"]:
-            raise SampleError(header["reason"], f"{source}: {header['detail']}")
-        return frames, header["meta"]
+        if isinstance(frames, SampleError):
+            raise SampleError(frames.reason, f"{source}: {frames.detail}")
+        return frames, meta
+
+    def _recv(self, deadline: float) -> tuple[dict, int]:
+        self._sock.settimeout(max(0.001, deadline - time.monotonic()))
+        return wire.recv_header(self._sock)
+
+    def _exchange(self, req: dict, data: bytes | None, deadline: float):
+        """Send one request, collect and resize the chunks. A child-reported failure comes back
+        as a SampleError *value* so that transport errors alone mean a dead child."""
+        sock = self._sock
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        wire.send(sock, req, data)
+        head, _ = self._recv(deadline)
+        if not head["ok"]:
+            return SampleError(head["reason"], head["detail"]), None
+        n, box_h, box_w, _ = head["shape"]
+        out = np.empty((n, self.cfg.height, self.cfg.width, 3), dtype=np.uint8)
+        done = 0
+        while done < n:
+            msg, size = self._recv(deadline)
+            if not msg["ok"]:
+                return SampleError(msg["reason"], msg["detail"]), None
+            chunk = np.empty((msg["frames"], box_h, box_w, 3), dtype=np.uint8)
+            if size != chunk.nbytes:
+                raise EOFError(f"chunk of {size} bytes, expected {chunk.nbytes}")
+            wire.recv_payload(sock, chunk)
+            out[done : done + len(chunk)] = resize_box(chunk, self.cfg.width, self.cfg.height)
+            done += len(chunk)
+        return out, head["meta"]
 
     def _crashed(self, source: str) -> SampleError:
         proc = self._proc

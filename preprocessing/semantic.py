@@ -21,7 +21,9 @@ from model.encoders import TINY_SEED, load_clip
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DINO_SIZE = 224
-TINY_TIMM = dict(img_size=56, embed_dim=64, depth=2, num_heads=2)
+# LayerScale 1.0 in the tiny model: DINOv2's init_values=1e-5 makes a *random* ViT output an
+# almost input-independent CLS token, so every appearance matrix would be all ones.
+TINY_TIMM = dict(img_size=56, embed_dim=64, depth=2, num_heads=2, init_values=1.0)
 
 
 def _load_state_dict(path: str) -> dict[str, torch.Tensor]:

@@ -54,9 +54,10 @@ class VideoConfig:
             f"must be > 0 seconds, got {self.decode_timeout_s!r}",
         )
         check(
-            isinstance(self.decode_memory_mb, int) and self.decode_memory_mb >= 256,
+            isinstance(self.decode_memory_mb, int) and self.decode_memory_mb >= 1024,
             "video.decode_memory_mb",
-            f"must be an integer >= 256 (the decoder child needs room for Python and ffmpeg), "
+            f"must be an integer >= 1024 (the decoder child maps ~450 MiB of Python and ffmpeg "
+            f"libraries before decoding anything), "
             f"got {self.decode_memory_mb!r}",
         )
         check(
