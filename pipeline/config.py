@@ -1,0 +1,209 @@
+"""`PrepConfig`: everything `python -m pipeline.prep` reads from `configs/prep/*.yaml` and
+`section.field=value` overrides.
+
+Sections `video`, `image`, `models` are the per-sample settings of `preprocessing.settings`;
+the others belong to the job: which manifest columns to read, how to spread the work over a
+Ray cluster, how to download media, how to reach object stores.
+
+The config fingerprint (`prep_fingerprint`) covers only what changes the bytes of a shard
+(frame size, models, shard size, columns...). Operational knobs (workers, timeouts, HTTP
+retries, storage credentials) are left out so a resumed job may tune them freely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from preprocessing.config import check, to_dict
+from preprocessing.settings import ImageConfig, ModelsConfig, VideoConfig
+from preprocessing.shard_format import FORMAT_VERSION
+
+# Fallback column names, tried in order when the configured column is absent:
+# LAION parquet calls the image URL `URL` and the caption `TEXT`.
+COLUMN_ALIASES = {
+    "image_column": ("URL", "url"),
+    "caption_column": ("TEXT", "text"),
+    "video_column": (),
+}
+
+
+@dataclass
+class ManifestConfig:
+    video_column: str = "video"  # path or URL of the video file
+    image_column: str = "image"  # path or URL of the image (LAION: `URL`, found automatically)
+    caption_column: str = "caption"  # LAION: `TEXT`, found automatically
+    batch_rows: int = 65_536  # rows per Arrow batch while streaming a manifest (driver memory)
+
+    def __post_init__(self) -> None:
+        for name in ("video_column", "image_column", "caption_column"):
+            value = getattr(self, name)
+            check(
+                isinstance(value, str) and value != "", f"manifest.{name}", "must be a non-empty column name"
+            )
+        check(
+            isinstance(self.batch_rows, int) and self.batch_rows >= 1,
+            "manifest.batch_rows",
+            f"must be an integer >= 1, got {self.batch_rows!r}",
+        )
+
+
+@dataclass
+class ExecutionConfig:
+    # Shard tasks in flight at once. Each one decodes on `cpus_per_worker` CPUs; 0 = as many as
+    # the cluster's CPUs allow (minus the CPUs reserved by encoder actors).
+    workers: int = 0
+    cpus_per_worker: float = 1.0
+    # Encoder actors (VAE + semantic model). -1 = auto: one per `gpus_per_encoder` share of the
+    # cluster's GPUs, or 0 on a CPU-only cluster. 0 = encode inside each shard task.
+    encoders: int = -1
+    gpus_per_encoder: float = 0.5  # fractional GPUs per encoder actor; 0 = CPU actors
+    cpus_per_encoder: float = 1.0  # CPUs reserved per encoder actor (torch threads on CPU)
+    batches_in_flight: int = 2  # encode batches a shard task keeps queued at the actors
+    local_cpus: int = 0  # CPUs of the local cluster started without RAY_ADDRESS; 0 = all
+    progress: bool = True  # tqdm bar of shards and samples/s on stderr
+
+    def __post_init__(self) -> None:
+        check(
+            isinstance(self.workers, int) and self.workers >= 0,
+            "execution.workers",
+            f"must be an integer >= 0 (0 = from the cluster's CPUs), got {self.workers!r}",
+        )
+        for name in ("cpus_per_worker", "cpus_per_encoder", "gpus_per_encoder"):
+            value = getattr(self, name)
+            check(
+                isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
+                f"execution.{name}",
+                f"must be a number >= 0, got {value!r}",
+            )
+        check(
+            self.cpus_per_worker > 0, "execution.cpus_per_worker", "must be > 0 (shard tasks decode on CPU)"
+        )
+        check(
+            self.gpus_per_encoder <= 1 or float(self.gpus_per_encoder).is_integer(),
+            "execution.gpus_per_encoder",
+            f"fractions must be <= 1 (Ray packs several actors on one GPU), got {self.gpus_per_encoder}",
+        )
+        check(
+            isinstance(self.encoders, int) and self.encoders >= -1,
+            "execution.encoders",
+            f"must be -1 (auto), 0 (encode in the shard tasks) or a number of actors, got {self.encoders!r}",
+        )
+        check(
+            isinstance(self.batches_in_flight, int) and self.batches_in_flight >= 1,
+            "execution.batches_in_flight",
+            f"must be an integer >= 1, got {self.batches_in_flight!r}",
+        )
+        check(
+            isinstance(self.local_cpus, int) and self.local_cpus >= 0,
+            "execution.local_cpus",
+            f"must be an integer >= 0, got {self.local_cpus!r}",
+        )
+
+
+@dataclass
+class HttpConfig:
+    timeout_s: float = 30.0  # connect, and any stall of the body longer than this -> `timeout`
+    retries: int = 3  # extra attempts after 5xx, 429, connection errors and timeouts
+    backoff_s: float = 0.5  # first retry delay; doubles per attempt, with +-50% jitter
+    max_backoff_s: float = 30.0
+    max_concurrency: int = 16  # downloads in flight per shard task (also the prefetch window)
+    max_bytes: int = 1 << 30  # larger media fail with `download_error` instead of filling RAM
+    user_agent: str = "higen-prep/0.1 (+https://github.com/higen)"
+
+    def __post_init__(self) -> None:
+        for name in ("timeout_s", "backoff_s", "max_backoff_s"):
+            value = getattr(self, name)
+            check(
+                isinstance(value, (int, float)) and value > 0,
+                f"http.{name}",
+                f"must be > 0 seconds, got {value!r}",
+            )
+        check(
+            isinstance(self.retries, int) and self.retries >= 0,
+            "http.retries",
+            f"must be an integer >= 0, got {self.retries!r}",
+        )
+        check(
+            isinstance(self.max_concurrency, int) and self.max_concurrency >= 1,
+            "http.max_concurrency",
+            f"must be an integer >= 1, got {self.max_concurrency!r}",
+        )
+        check(
+            isinstance(self.max_bytes, int) and self.max_bytes >= 1,
+            "http.max_bytes",
+            f"must be a positive integer, got {self.max_bytes!r}",
+        )
+
+
+@dataclass
+class StorageConfig:
+    # fsspec storage options for every URL the job touches (manifests, media, output), e.g.
+    # {endpoint_url: http://minio:9000} for s3://. Credentials are better left to the standard
+    # AWS_* variables / ~/.aws; values here are never written to the outputs.
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check(
+            isinstance(self.options, dict),
+            "storage.options",
+            f"must be a mapping of fsspec storage options, got {type(self.options).__name__}",
+        )
+
+
+@dataclass
+class PrepConfig:
+    video: VideoConfig = field(default_factory=VideoConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    manifest: ManifestConfig = field(default_factory=ManifestConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    samples_per_shard: int = 1000  # shard N holds manifest rows N*S .. N*S+S-1
+
+    def __post_init__(self) -> None:
+        check(
+            isinstance(self.samples_per_shard, int) and self.samples_per_shard >= 1,
+            "samples_per_shard",
+            f"must be an integer >= 1, got {self.samples_per_shard!r}",
+        )
+
+
+# Fields that never change a shard's bytes: excluded from the fingerprint.
+OPERATIONAL = {
+    "execution": None,
+    "http": None,
+    "storage": None,
+    "manifest": ("batch_rows",),
+    "models": ("device", "batch_size"),
+    "video": ("decode_timeout_s", "decode_memory_mb", "decoder_recycle_every"),
+}
+
+
+def output_config(cfg: PrepConfig) -> dict[str, Any]:
+    """The config values that determine the output (what the fingerprint hashes)."""
+    data = to_dict(cfg)
+    for section, fields in OPERATIONAL.items():
+        if fields is None:
+            data.pop(section)
+        else:
+            for name in fields:
+                data[section].pop(name)
+    data["format_version"] = FORMAT_VERSION
+    return data
+
+
+def prep_fingerprint(cfg: PrepConfig) -> str:
+    blob = json.dumps(output_config(cfg), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def public_config(cfg: PrepConfig) -> dict[str, Any]:
+    """The whole config for `dataset.json`, without storage options (they may hold secrets)."""
+    data = to_dict(cfg)
+    data["storage"] = {"options": sorted(cfg.storage.options)}
+    return data

@@ -1,0 +1,68 @@
+"""`python -m pipeline.prep`: manifests -> WebDataset shards (SPEC §1) on a Ray cluster.
+
+    python -m pipeline.prep --videos MANIFEST --images MANIFEST --out OUT \\
+        [--config configs/prep/tiny.yaml] [--samples-per-shard N] [--overwrite] [--retry-failed] \\
+        [section.field=value ...]
+
+With RAY_ADDRESS set (as `ray job submit` does) it joins that cluster, otherwise it starts a
+local one. Rerunning the same command resumes: committed shards are skipped. The design is
+explained in `pipeline/runner.py` and `pipeline/shard.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.config import PrepConfig
+from pipeline.manifest import ManifestError
+from pipeline.runner import JobArgs, JobError, PrepJob
+from pipeline.storage import OutputError
+from preprocessing.config import ConfigError, load_config
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.prep", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--videos", help="video manifest: parquet/CSV/JSONL file, folder or glob, any fsspec URL"
+    )
+    parser.add_argument("--images", help="image manifest (LAION-style `URL`/`TEXT` columns work as is)")
+    parser.add_argument(
+        "--out", required=True, help="output root: local path or fsspec URL (s3://bucket/prefix)"
+    )
+    parser.add_argument("--config", help="YAML config (configs/prep/tiny.yaml, configs/prep/default.yaml)")
+    parser.add_argument("--samples-per-shard", type=int, help="rows per shard (overrides samples_per_shard)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="delete existing shards under OUT and start again"
+    )
+    parser.add_argument(
+        "--retry-failed", action="store_true", help="also redo the failed rows of committed shards"
+    )
+    parser.add_argument("overrides", nargs="*", help="config overrides: section.field=value")
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.overrides)
+    if args.samples_per_shard is not None:
+        overrides.append(f"samples_per_shard={args.samples_per_shard}")
+    try:
+        cfg = load_config(PrepConfig, args.config, overrides)
+        job = JobArgs(
+            out=args.out,
+            videos=args.videos,
+            images=args.images,
+            overwrite=args.overwrite,
+            retry_failed=args.retry_failed,
+        )
+        summary = PrepJob(cfg, job).run()
+    except (ConfigError, ManifestError, OutputError, JobError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summary.table())
+    return 0 if summary.complete else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
