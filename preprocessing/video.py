@@ -25,7 +25,7 @@ from preprocessing.geometry import TooShort, cover_crop, select_frames
 
 # ffmpeg demuxers that read single still images: a JPEG named .mp4 is not a video.
 _IMAGE_FORMATS = ("image2", "_pipe", "gif", "apng", "webp")
-CHUNK_FRAMES = 8  # frames decoded and sent per message
+CHUNK_FRAMES = 4  # frames decoded and sent per message (the worker resizes one while the next decodes)
 
 
 class DecodeFailure(Exception):
@@ -126,7 +126,7 @@ def decode_chunks(reader, indices: list[int], crop):
         yield np.ascontiguousarray(frames[:, y0:y1, x0:x1])
 
 
-def _run_test_hook(hook: str | None) -> None:
+def _run_test_hook(hook: str | None, memory_mb: int) -> None:
     """Misbehaviours the isolation tests inject into the real child process."""
     if hook == "abort":
         os.abort()
@@ -139,7 +139,8 @@ def _run_test_hook(hook: str | None) -> None:
 
         time.sleep(10**6)
     elif hook == "eat_memory":
-        hog = [bytearray(64 << 20) for _ in range(1 << 12)]  # 256 GiB: must hit RLIMIT_AS
+        # One block as large as the whole limit: only RLIMIT_AS can refuse it (untouched pages).
+        hog = np.empty(memory_mb << 20, dtype=np.uint8)
         del hog
     elif hook == "raise":
         raise RuntimeError("test hook raised")
@@ -161,7 +162,7 @@ def _limit_memory(memory_mb: int) -> None:
 
 def _answer(sock, req: dict[str, Any], data: bytes | None) -> None:
     try:
-        _run_test_hook(req.get("test_hook"))
+        _run_test_hook(req.get("test_hook"), req["memory_mb"])
         reader, indices, crop, meta = open_clip(req["source"], data, req["key"], req)
         shape = [len(indices), crop.box_h, crop.box_w, 3]
         wire.send(sock, {"ok": True, "shape": shape, "meta": meta})
