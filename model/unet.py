@@ -162,6 +162,7 @@ class HiGenUNet(nn.Module):
         t_emb = self.time_embed(sinusoidal_embedding(timesteps, cfg.base_channels).to(weight.dtype))
         guide = self.motion_embedding(motion, frames) + self.appearance_embedding(appearance)
         emb = (t_emb[:, None] + gate * guide).reshape(b * frames, -1)  # (b f) order, like x below
+        context = context.to(weight.dtype)
         if self.text_projection is not None:
             context = self.text_projection(context)
         context = context.repeat_interleave(frames, dim=0)
@@ -223,6 +224,13 @@ class HiGenUNet(nn.Module):
             fail(f"appearance must be [B,F,F]={[b, frames, frames]} for x {tuple(x.shape)}, "
                  f"got {tuple(appearance.shape)}")
         return b, cfg.in_channels, frames, h, w
+
+
+def middle_frame_prior(latents: torch.Tensor) -> torch.Tensor:
+    """Training spatial prior z_s of a clip `[B,C,F,h,w]`: its middle frame `F // 2` (SPEC §3)."""
+    if latents.ndim != 5:
+        raise ValueError(f"latents must be [B,C,F,h,w], got {tuple(latents.shape)}")
+    return latents[:, :, latents.shape[2] // 2]
 
 
 def _run_block(block, hs, emb, context, frames, gate, size):

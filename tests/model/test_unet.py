@@ -8,7 +8,7 @@ from model_testlib import inputs, perturb, tiny_unet
 
 from model.config import UNetConfig
 from model.params import param_groups
-from model.unet import HiGenUNet
+from model.unet import HiGenUNet, middle_frame_prior
 from preprocessing.config import ConfigError, from_dict
 
 
@@ -148,3 +148,14 @@ def test_full_size_layout_builds():
     # ModelScope's stem temporal transformer is 8 heads x 64 wide on 320 channels.
     assert tuple(unet.input_blocks[0][1].proj_in.weight.shape) == (512, 320)
     assert tuple(unet.appearance_embedding.mlp[0].weight.shape) == (1280, 32)
+
+
+def test_bf16_weights_accept_float32_inputs_and_middle_frame_prior():
+    unet = tiny_unet().to(torch.bfloat16)
+    x, t, ctx = inputs(batch=1, frames=3)
+    prior = middle_frame_prior(x)
+    assert torch.equal(prior, x[:, :, 1])
+    out = unet(x, t, ctx, prior, torch.ones(1, 2), torch.ones(1, 3, 3))
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+    with pytest.raises(ValueError, match=r"\[B,C,F,h,w\]"):
+        middle_frame_prior(x[:, :, 0])
