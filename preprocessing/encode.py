@@ -52,7 +52,8 @@ class Encoder:
         """uint8 [N,H,W,3] -> float32 scaled posterior means [N,4,H/8,W/8]."""
         out = []
         for chunk in self._chunks(frames):
-            x = chunk.to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1.0  # [-1, 1]
+            # scale to [-1, 1] in float32, then cast: bf16 arithmetic would round 255 levels coarsely
+            x = (chunk.to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0).to(self.dtype)
             mean = self.vae.encode(x).latent_dist.mean
             out.append((mean.float() * self.scaling_factor).cpu().numpy())
         return np.concatenate(out)

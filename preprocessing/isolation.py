@@ -140,6 +140,9 @@ class VideoDecoderProcess:
                 ) from None
             except (EOFError, OSError):
                 raise self._crashed(source) from None
+            except Exception as exc:  # never leave the child mid-answer: the pipe would desync
+                self._stop(kill=True)
+                raise SampleError("internal_error", f"{source}: {type(exc).__name__}: {exc}"[:400]) from exc
         finally:
             self.decodes_since_start += 1
             if self._proc is not None and self.decodes_since_start >= cfg.decoder_recycle_every:
@@ -177,8 +180,12 @@ class VideoDecoderProcess:
         return out, head["meta"]
 
     def _crashed(self, source: str) -> SampleError:
-        proc = self._proc
-        code = proc.wait(timeout=10) if proc is not None else None
+        proc, code = self._proc, None
+        if proc is not None:
+            try:
+                code = proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # alive but the pipe broke: treat as a crash
+                pass
         tail = self._stop(kill=True)
         where = f" ({tail})" if tail else ""
         if code == -signal.SIGKILL:

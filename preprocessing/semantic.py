@@ -57,8 +57,11 @@ class SemanticModel(torch.nn.Module):
                                  "open_clip:ARCH:/path/to/weights.pt")
             clip, _, self.size = load_clip(spec[len("open_clip:"):])
             self.net = clip.visual
-            mean = getattr(self.net, "image_mean", None) or mean
-            std = getattr(self.net, "image_std", None) or std
+            from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+            pp = getattr(self.net, "preprocess_cfg", None) or {}  # set by open_clip.create_model
+            mean = tuple(pp.get("mean", OPENAI_DATASET_MEAN))
+            std = tuple(pp.get("std", OPENAI_DATASET_STD))
             self._features = self.net
         else:
             self.net, self.size = self._timm(spec, checkpoint)

@@ -180,6 +180,10 @@ def _answer(sock, req: dict[str, Any], data: bytes | None) -> None:
 
 
 def serve(fd: int, memory_mb: int) -> None:
+    import signal
+
+    # Ctrl-C is the worker's to handle; it stops the child by closing the socket.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _limit_memory(memory_mb)
     import av  # imported before `ready`, so start-up cost is never charged to a video's timeout
     import decord  # noqa: F401
