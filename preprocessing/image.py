@@ -13,7 +13,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from preprocessing.geometry import cover_crop
 from preprocessing.settings import ImageConfig
 from preprocessing.shard_format import SampleError
-from preprocessing.transform import resize_box
+from preprocessing.transform import resize_cover
 
 
 def allow_up_to(max_pixels: int) -> None:
@@ -56,7 +56,7 @@ def resize_cover_crop(img: Image.Image, width: int, height: int) -> tuple[np.nda
     """uint8 [H,W,3] after resize-to-cover + centre crop (the video transform); geometry."""
     crop = cover_crop(img.width, img.height, width, height)
     box = np.asarray(img.crop(crop.box), dtype=np.uint8)
-    return resize_box(box[None], width, height)[0], crop.meta()
+    return np.ascontiguousarray(resize_cover(box[None], width, height)[0]), crop.meta()
 
 
 def load_image(source: str, data: bytes, cfg: ImageConfig) -> tuple[np.ndarray, dict[str, Any]]:

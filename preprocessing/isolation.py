@@ -12,8 +12,8 @@ One long-lived child per worker decodes all videos; the worker survives anything
 The child is a fresh interpreter (`python -m preprocessing.video`) talking over a socketpair
 (`preprocessing.wire`: JSON header + raw bytes, never pickles). Unlike multiprocessing's
 spawn/forkserver contexts, this never re-imports the parent's `__main__` (a Ray worker's entry
-script). Frames arrive in chunks cropped to the source box; the worker resizes chunk k while
-the child decodes chunk k+1.
+script). Frames arrive in chunks at source resolution (cropped to the visible box when that
+saves much); the worker resizes chunk k while the child decodes chunk k+1.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import numpy as np
 from preprocessing import wire
 from preprocessing.settings import VideoConfig
 from preprocessing.shard_format import SampleError
-from preprocessing.transform import resize_box
+from preprocessing.transform import resize_cover
 
 _START_TIMEOUT_S = 120.0  # interpreter + decord import; not charged to any video
 
@@ -48,6 +48,7 @@ class VideoDecoderProcess:
         self._proc: subprocess.Popen | None = None
         self._sock: socket.socket | None = None
         self._stderr = None
+        self._frames: wire.SharedFrames | None = None
 
     @property
     def pid(self) -> int | None:
@@ -55,14 +56,15 @@ class VideoDecoderProcess:
 
     def _start(self) -> None:
         parent_sock, child_sock = socket.socketpair()
+        self._frames = wire.SharedFrames.create()
         self._stderr = tempfile.TemporaryFile()
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "preprocessing.video", str(child_sock.fileno()),
-                 str(self.cfg.decode_memory_mb)],
-                pass_fds=(child_sock.fileno(),),
+                 str(self._frames.fd), str(self.cfg.decode_memory_mb)],
+                pass_fds=(child_sock.fileno(), self._frames.fd),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=self._stderr,
@@ -85,8 +87,10 @@ class VideoDecoderProcess:
 
     def _stop(self, kill: bool) -> str:
         """Stop the child; returns the tail of its stderr (ffmpeg/abort messages) for details."""
-        proc, sock = self._proc, self._sock
-        self._proc = self._sock = None
+        proc, sock, frames = self._proc, self._sock, self._frames
+        self._proc = self._sock = self._frames = None
+        if frames is not None:
+            frames.close()
         if sock is not None:
             if not kill:
                 try:
@@ -164,19 +168,21 @@ class VideoDecoderProcess:
         head, _ = self._recv(deadline)
         if not head["ok"]:
             return SampleError(head["reason"], head["detail"]), None
-        n, box_h, box_w, _ = head["shape"]
+        n, region_h, region_w, _ = head["shape"]
         out = np.empty((n, self.cfg.height, self.cfg.width, 3), dtype=np.uint8)
         done = 0
         while done < n:
-            msg, size = self._recv(deadline)
+            msg, _ = self._recv(deadline)
             if not msg["ok"]:
                 return SampleError(msg["reason"], msg["detail"]), None
-            chunk = np.empty((msg["frames"], box_h, box_w, 3), dtype=np.uint8)
-            if size != chunk.nbytes:
-                raise EOFError(f"chunk of {size} bytes, expected {chunk.nbytes}")
-            wire.recv_payload(sock, chunk)
-            out[done : done + len(chunk)] = resize_box(chunk, self.cfg.width, self.cfg.height)
-            done += len(chunk)
+            start, k = msg["start"], msg["frames"]
+            if start != done or k < 1 or done + k > n:
+                raise EOFError(f"out-of-order chunk {start}+{k} (expected {done})")
+            frame_bytes = region_h * region_w * 3
+            chunk = self._frames.array(start * frame_bytes, (k, region_h, region_w, 3))
+            out[done : done + k] = resize_cover(chunk, self.cfg.width, self.cfg.height)
+            del chunk
+            done += k
         return out, head["meta"]
 
     def _crashed(self, source: str) -> SampleError:

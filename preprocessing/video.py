@@ -1,13 +1,14 @@
 """Video probing and decoding: the code that runs inside the isolated decoder child.
 
-`python -m preprocessing.video FD MEMORY_MB` serves decode requests on the inherited socket
-FD (see `preprocessing.isolation`). Imports stay light (numpy, PyAV, decord; no torch) so a
+`python -m preprocessing.video SOCKET_FD FRAMES_FD MEMORY_MB` serves decode requests on the
+inherited socket (see `preprocessing.isolation`). Imports stay light (numpy, PyAV, decord; no torch) so a
 recycled child starts fast.
 
 Protocol (`preprocessing.wire` frames), per request: the worker sends a JSON request, with the
 file bytes as payload when it has no local path. The child answers a header (`ok`, shape,
-metadata), then one message per chunk of frames with the raw uint8 pixels as payload, or an
-error header (`ok: false`, reason, detail) at any point. No pickles cross the pipe.
+metadata), then one message per chunk of frames written to the shared frame buffer
+(`wire.SharedFrames`, raw uint8), or an error header (`ok: false`, reason, detail) at any
+point. No pickles cross the pipe.
 """
 
 from __future__ import annotations
@@ -66,36 +67,29 @@ def probe(path: str, data: bytes | None) -> dict[str, Any]:
 
 
 def open_clip(path: str, data: bytes | None, key: str, req: dict[str, Any]):
-    """Probe, open with decord, select the clip's frames (SPEC §2).
+    """Open with decord and select the clip's frames (SPEC §2): (reader, indices, meta).
 
-    Returns (reader, indices, crop, meta). Frames are decoded at source resolution: decord's
-    decode-side scaling runs swscale on every decoded frame, skipped ones included, which
-    measured 2× slower than scaling only the selected frames in the worker.
+    PyAV only probes when decord fails or finds too few frames, to give the precise reason
+    (no video stream, a still image); the happy path pays for one container open.
     """
     import decord
 
-    info = probe(path, data)
-    crop = cover_crop(info["width"], info["height"], req["width"], req["height"])
     try:
         reader = decord.VideoReader(_source(path, data), num_threads=req["threads"])
         n_frames, native_fps = len(reader), float(reader.get_avg_fps())
-        indices, stride = select_frames(n_frames, native_fps, req["target_fps"], req["frames"], key)
-    except TooShort as exc:
-        raise DecodeFailure("too_short", str(exc)) from None
     except MemoryError:
         raise
     except Exception as exc:  # decord raises DECORDError / RuntimeError / AssertionError
+        probe(path, data)  # raises the precise failure when PyAV can tell
         raise _decord_failure(exc) from None
-    meta = {
-        "frame_indices": indices,
-        "native_fps": round(native_fps, 4),
-        "stride": stride,
-        "num_source_frames": n_frames,
-        "codec": info["codec"],
-        "container": info["container"],
-        **crop.meta(),
-    }
-    return reader, indices, crop, meta
+    try:
+        indices, stride = select_frames(n_frames, native_fps, req["target_fps"], req["frames"], key)
+    except TooShort as exc:
+        probe(path, data)  # a JPEG named .mp4 is a 1-frame "video" to decord
+        raise DecodeFailure("too_short", str(exc)) from None
+    meta = {"frame_indices": indices, "native_fps": round(native_fps, 4), "stride": stride,
+            "num_source_frames": n_frames}
+    return reader, indices, meta
 
 
 def _decord_failure(exc: Exception) -> DecodeFailure:
@@ -105,25 +99,28 @@ def _decord_failure(exc: Exception) -> DecodeFailure:
     return DecodeFailure(reason, f"decord failed to decode: {text}")
 
 
-def decode_chunks(reader, indices: list[int], crop):
-    """Yield uint8 [k, box_h, box_w, 3] chunks of the selected frames, cropped to the source box.
+def send_region(crop) -> tuple[int, int, int, int]:
+    """Which part of each frame the child sends: the crop box when it saves a lot, else the
+    whole frame (the worker then resizes to cover and crops in its output copy, which is
+    cheaper than a copy here plus a strided resize there)."""
+    if crop.box_w * crop.box_h < 0.8 * crop.src_w * crop.src_h:
+        return crop.box
+    return 0, 0, crop.src_w, crop.src_h
+
+
+def decode_chunks(reader, indices: list[int]):
+    """Yield uint8 [k, h, w, 3] chunks of the selected frames at source resolution.
 
     Chunks bound the child's memory (a 4K clip is 800 MB at once) and let the worker resize
     chunk k while the child decodes chunk k+1.
     """
-    x0, y0, x1, y1 = crop.box
     for i in range(0, len(indices), CHUNK_FRAMES):
         try:
-            frames = reader.get_batch(indices[i : i + CHUNK_FRAMES]).asnumpy()
+            yield reader.get_batch(indices[i : i + CHUNK_FRAMES]).asnumpy()
         except MemoryError:
             raise
         except Exception as exc:
             raise _decord_failure(exc) from None
-        if frames.shape[1:3] != (crop.src_h, crop.src_w):
-            got = f"{frames.shape[2]}x{frames.shape[1]}"
-            raise DecodeFailure("decode_error", f"decord returned {got} frames, the container header "
-                                f"says {crop.src_w}x{crop.src_h}")
-        yield np.ascontiguousarray(frames[:, y0:y1, x0:x1])
 
 
 def _run_test_hook(hook: str | None, memory_mb: int) -> None:
@@ -150,9 +147,9 @@ def _limit_memory(memory_mb: int) -> None:
     import ctypes
     import resource
 
-    # glibc reserves a 64 MiB arena per decoding thread; two arenas keep address space small.
+    # glibc reserves a 64 MiB arena per decoding thread; a few arenas keep address space small.
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
+        ctypes.CDLL("libc.so.6").mallopt(-8, 4)  # M_ARENA_MAX
     except OSError:
         pass
     limit = memory_mb << 20
@@ -160,14 +157,23 @@ def _limit_memory(memory_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard if hard != resource.RLIM_INFINITY else limit))
 
 
-def _answer(sock, req: dict[str, Any], data: bytes | None) -> None:
+def _answer(sock, frames_out: wire.SharedFrames, req: dict[str, Any], data: bytes | None) -> None:
     try:
         _run_test_hook(req.get("test_hook"), req["memory_mb"])
-        reader, indices, crop, meta = open_clip(req["source"], data, req["key"], req)
-        shape = [len(indices), crop.box_h, crop.box_w, 3]
-        wire.send(sock, {"ok": True, "shape": shape, "meta": meta})
-        for chunk in decode_chunks(reader, indices, crop):
-            wire.send(sock, {"ok": True, "frames": len(chunk)}, chunk)
+        reader, indices, meta = open_clip(req["source"], data, req["key"], req)
+        crop, done = None, 0
+        for chunk in decode_chunks(reader, indices):
+            if crop is None:  # frame size from the first decoded chunk: no separate probe
+                crop = cover_crop(chunk.shape[2], chunk.shape[1], req["width"], req["height"])
+                x0, y0, x1, y1 = send_region(crop)
+                shape = (len(indices), y1 - y0, x1 - x0, 3)
+                clip = frames_out.array(0, shape, grow=True)
+                wire.send(sock, {"ok": True, "shape": list(shape), "meta": {**meta, **crop.meta()}})
+            elif chunk.shape[1:3] != (crop.src_h, crop.src_w):
+                raise DecodeFailure("decode_error", "frame size changes mid-stream")
+            clip[done : done + len(chunk)] = chunk[:, y0:y1, x0:x1]  # crop and share in one copy
+            wire.send(sock, {"ok": True, "start": done, "frames": len(chunk)})
+            done += len(chunk)
         del reader
     except DecodeFailure as exc:
         wire.send(sock, {"ok": False, "reason": exc.reason, "detail": exc.detail})
@@ -179,7 +185,7 @@ def _answer(sock, req: dict[str, Any], data: bytes | None) -> None:
         wire.send(sock, {"ok": False, "reason": "decode_error", "detail": detail})
 
 
-def serve(fd: int, memory_mb: int) -> None:
+def serve(fd: int, frames_fd: int, memory_mb: int) -> None:
     import signal
 
     # Ctrl-C is the worker's to handle; it stops the child by closing the socket.
@@ -190,6 +196,7 @@ def serve(fd: int, memory_mb: int) -> None:
 
     av.logging.set_level(av.logging.PANIC)
     sock = socket.socket(fileno=fd)
+    frames_out = wire.SharedFrames(frames_fd)
     wire.send(sock, {"ready": True})
     while True:
         try:
@@ -204,8 +211,8 @@ def serve(fd: int, memory_mb: int) -> None:
             wire.recv_payload(sock, data)
             data = bytes(data)
         req["memory_mb"] = memory_mb
-        _answer(sock, req, data)
+        _answer(sock, frames_out, req, data)
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]), int(sys.argv[2]))
+    serve(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
