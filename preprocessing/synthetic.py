@@ -42,10 +42,11 @@ DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
 CHANGES = {"": 0.0, "slowly shifting": 0.35, "changing completely": 1.0}
 
 
-def write_video(path: Path, frames: np.ndarray, codec: str, fps: Fraction) -> None:
+def write_video(path: Path, frames: np.ndarray, codec: str, fps: Fraction, faststart: bool = False) -> None:
     import av
 
-    with av.open(str(path), "w") as container:
+    options = {"movflags": "faststart"} if faststart else {}  # index first, as web videos have it
+    with av.open(str(path), "w", options=options) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
@@ -179,7 +180,13 @@ def make_bad(
     mp4 = good_video.read_bytes()
     add("zero_bytes.mp4", b"", "empty_file")
     add("random_bytes.mp4", rng.integers(0, 256, 4096, dtype=np.uint8).tobytes(), "decode_error")
-    add("truncated.mp4", mp4[: len(mp4) // 2], "decode_error")
+    add("truncated.mp4", mp4[: len(mp4) // 2], "decode_error")  # index (moov) lost: fails on open
+    # index first (web style), frames cut off: opens fine, fails while decoding
+    fast = bad / "faststart_full.mp4"
+    clip = render_clip(rng, 160, 120, 48, 24.0, 80.0, (1, 0), 0.0)[0]
+    write_video(fast, clip, "libx264", Fraction(24), faststart=True)
+    add("truncated_faststart.mp4", fast.read_bytes()[: fast.stat().st_size // 3], "decode_error")
+    fast.unlink()
     add("jpeg_named.mp4", good_image.read_bytes(), "decode_error")
     add("text_named.mp4", b"this is a caption file, not a video\n" * 20, "decode_error")
     add("missing_file.mp4", None, "missing_file")

@@ -95,8 +95,10 @@ def open_clip(path: str, data: bytes | None, key: str, req: dict[str, Any]):
 def _decord_failure(exc: Exception) -> DecodeFailure:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     text = f"{type(exc).__name__}: {first}"[:300]
-    reason = "out_of_memory" if "alloc" in text.lower() or "memory" in text.lower() else "decode_error"
-    return DecodeFailure(reason, f"decord failed to decode: {text}")
+    if "alloc" in text.lower() or "memory" in text.lower():
+        return DecodeFailure("out_of_memory", f"decord ran out of memory: {text}")
+    hint = " (the file is truncated or corrupt)" if "av_read_frame" in text or "1094995529" in text else ""
+    return DecodeFailure("decode_error", f"decord failed to decode{hint}: {text}")
 
 
 def send_region(crop) -> tuple[int, int, int, int]:
