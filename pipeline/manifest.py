@@ -81,7 +81,8 @@ class Manifest:
 
     def _files(self, path: str) -> list[str]:
         try:
-            if any(ch in path for ch in "*?["):
+            web = self.url.startswith(("http://", "https://"))  # "?" starts a query, not a glob
+            if not web and any(ch in path for ch in "*?["):
                 files = sorted(self.fs.glob(path))
             elif self.fs.isdir(path):
                 files = sorted(f for f in self.fs.find(path) if os.path.splitext(f)[1].lower() in FORMATS)
@@ -170,7 +171,12 @@ class Manifest:
                     "(every file of a manifest needs the same columns)"
                 )
             try:
-                for batch in dataset.to_batches(columns=list(columns), batch_size=self.cfg.batch_rows):
+                for batch in dataset.to_batches(
+                    columns=list(columns),
+                    batch_size=self.cfg.batch_rows,
+                    batch_readahead=1,
+                    fragment_readahead=1,
+                ):
                     sources = pc.cast(batch.column(0), pa.string()).to_pylist()
                     captions = batch.column(1).to_pylist()
                     yield [self._resolve(path, s) for s in sources], captions

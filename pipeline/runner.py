@@ -106,6 +106,7 @@ class Cluster:
     def __init__(self, cfg: PrepConfig):
         self.cfg = cfg
         self.started_here = False
+        self.model_ids: dict[str, Any] = {}
 
     def run(self) -> tuple[int, list]:
         import ray
@@ -136,10 +137,12 @@ class Cluster:
                 f"config field 'execution.gpus_per_encoder': {ex.gpus_per_encoder:g} GPUs per "
                 f"encoder but the cluster has {gpus:g}; set it to 0 for CPU encoder actors"
             )
+        # A crash on one batch fails that batch only (no task retry) and the actor comes back.
         actor_cls = ray.remote(EncoderActor).options(
-            num_cpus=ex.cpus_per_encoder, num_gpus=ex.gpus_per_encoder, max_restarts=3, max_task_retries=0
+            num_cpus=ex.cpus_per_encoder, num_gpus=ex.gpus_per_encoder, max_restarts=-1, max_task_retries=0
         )
         actors = [actor_cls.remote(self.cfg) for _ in range(encoders)]
+        self.model_ids = ray.get(actors[0].model_ids.remote()) if actors else {}
         return workers, actors
 
     def shutdown(self, actors: list) -> None:
@@ -262,7 +265,7 @@ class PrepJob:
         workers, actors = cluster.run()
         summary = Summary(out=self.args.out, workers=workers, encoders=len(actors))
         try:
-            task_ref = ray.put(ShardTask(self.cfg, self.args.out, fingerprint, actors))
+            task_ref = ray.put(ShardTask(self.cfg, self.args.out, fingerprint, actors, cluster.model_ids))
             dispatch = Dispatch(self.cfg, store, task_ref, workers, self.args.retry_failed)
             for kind, manifest in manifests.items():
                 dispatch.run(manifest, summary.kind(kind))

@@ -9,8 +9,10 @@ Every encode call gets exactly `batch_samples` samples (a short batch is padded,
 `encode_results`): identical inputs give byte-identical tars even when a neighbour failed.
 
 Duplicates are found before any work: the first row with a given source keeps the key, later
-ones fail with reason `duplicate`. Any exception from one sample becomes that row's failure;
-only storage errors (the shard cannot be written at all) fail the task.
+ones fail with reason `duplicate`. (Across shards a repeated source repeats its key: finding
+those needs global state; readers that care can dedupe on `__key__`.) Any exception from one
+sample becomes that row's failure; only storage errors (the shard cannot be written) fail
+the task.
 """
 
 from __future__ import annotations
@@ -104,12 +106,11 @@ class LocalEncode:
 class ActorEncode:
     """Round-robin over the encoder actors; results are awaited in submission order."""
 
-    def __init__(self, actors: list, offset: int):
-        import ray
-
+    def __init__(self, actors: list, offset: int, model_ids: dict[str, Any]):
+        # model_ids come from the driver: asking an actor would queue behind its backlog.
         self.actors = actors
         self.turn = offset
-        self.model_ids = ray.get(actors[offset % len(actors)].model_ids.remote())
+        self.model_ids = model_ids
 
     def submit(self, batch: list, size: int):
         actor = self.actors[self.turn % len(self.actors)]
@@ -129,11 +130,19 @@ class ActorEncode:
 class ShardTask:
     """`run(plan)` processes one shard and commits it; returns its stats."""
 
-    def __init__(self, cfg: PrepConfig, out: str, fingerprint: str, actors: list | None = None):
+    def __init__(
+        self,
+        cfg: PrepConfig,
+        out: str,
+        fingerprint: str,
+        actors: list | None = None,
+        actor_model_ids: dict[str, Any] | None = None,
+    ):
         self.cfg = cfg
         self.store = OutputStore(out, cfg.storage.options)
         self.fingerprint = fingerprint
         self.actors = actors or []
+        self.actor_model_ids = actor_model_ids or {}
 
     def _decoder(self):
         from preprocessing.process import Decoder
@@ -192,7 +201,10 @@ class ShardTask:
         if retry:  # un-commit first: a crash while rewriting leaves a shard that is redone whole
             self.store.remove([self.store.shard_path(plan.kind, plan.index, "json")])
         old_samples = iter_tar_samples(self.store, plan.kind, plan.index) if retry else iter(())
-        encode = ActorEncode(self.actors, task_offset) if self.actors else LocalEncode(self.cfg)
+        if self.actors:
+            encode = ActorEncode(self.actors, task_offset, self.actor_model_ids)
+        else:
+            encode = LocalEncode(self.cfg)
         decoder = self._decoder()
         fetcher = Fetcher(self.cfg.http, self.cfg.storage.options)
         writer = ShardWriter(self.store, plan.kind, plan.index)

@@ -54,13 +54,17 @@ class OutputStore:
         # A random suffix: two attempts at one shard (a Ray retry) never share a temp file.
         return self.path(TMP_DIR, f"{name}.{uuid.uuid4().hex[:12]}")
 
+    def makedirs(self) -> None:
+        # Object stores have no folders; s3fs's makedirs would even create a missing bucket.
+        if self.is_local:
+            for folder in (TMP_DIR, *KINDS):
+                os.makedirs(self.path(folder), exist_ok=True)
+
     def check_writable(self) -> None:
         """Write and delete a probe file, so a read-only output fails before any work."""
         probe = self.tmp_path("write-probe")
         try:
-            self.fs.makedirs(self.path(TMP_DIR), exist_ok=True)
-            for kind in KINDS:
-                self.fs.makedirs(self.path(kind), exist_ok=True)
+            self.makedirs()
             self.fs.pipe_file(probe, b"ok")
             self.fs.rm_file(probe)
         except (PermissionError, OSError) as exc:

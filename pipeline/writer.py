@@ -20,7 +20,7 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.storage import TMP_DIR, OutputStore, json_bytes
+from pipeline.storage import OutputStore, json_bytes
 from preprocessing.shard_format import FORMAT_VERSION, STATUS_COLUMNS, shard_name
 
 STATUS_SCHEMA = pa.schema([(name, pa.string()) for name in STATUS_COLUMNS])
@@ -46,8 +46,7 @@ class ShardWriter:
         self.index = index
         self.name = shard_name(index)
         self.tmp_tar = store.tmp_path(f"{kind}-{self.name}.tar")
-        for folder in (kind, TMP_DIR):
-            store.fs.makedirs(store.path(folder), exist_ok=True)
+        store.makedirs()
         self._file: IO[bytes] = store.fs.open(self.tmp_tar, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         self.rows: list[dict[str, str | None]] = []

@@ -74,8 +74,9 @@ def prep():
 @pytest.fixture
 def media_server(synthetic):
     """HTTP on 127.0.0.1: `/img/NAME` (200), `/missing.png` (404), `/flaky.png` (503 twice,
-    then 200), `/stall.png` (headers and half the body, then silence for 4 s). Yields
-    (base URL, Counter of requests per path)."""
+    then 200), `/stall.png` (headers and half the body, then silence for 4 s), `/files/NAME`
+    (the bytes a test puts in `files[NAME]`). Yields (base URL, Counter of requests per path,
+    files)."""
     import threading
     import time
     from collections import Counter
@@ -84,27 +85,37 @@ def media_server(synthetic):
     images = {p.name: p.read_bytes() for p in (synthetic / "images").iterdir()}
     good = next(iter(images.values()))
     hits: Counter = Counter()
+    files: dict[str, bytes] = {}
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):  # keep test output clean
             pass
 
-        def _send(self, code: int, body: bytes, stall: bool = False) -> None:
+        def _send(self, code: int, body: bytes, stall: bool = False, head: bool = False) -> None:
             self.send_response(code)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
+            if head:
+                return
             if stall:
                 self.wfile.write(body[: len(body) // 2])
                 self.wfile.flush()
                 time.sleep(4.0)
             self.wfile.write(body)
 
+        def do_HEAD(self):
+            name = self.path[len("/files/") :]
+            self._send(200 if name in files else 404, files.get(name, b""), head=True)
+
         def do_GET(self):
             hits[self.path] += 1
-            if self.path.startswith("/img/") and self.path[5:] in images:
+            if self.path.startswith("/files/") and self.path[7:] in files:
+                self._send(200, files[self.path[7:]])
+            elif self.path.startswith("/img/") and self.path[5:] in images:
                 self._send(200, images[self.path[5:]])
             elif self.path == "/flaky.png":
-                self._send(503, b"busy") if hits[self.path] <= 2 else self._send(200, good)
+                busy = hits[self.path] <= 2
+                self._send(503 if busy else 200, b"busy" if busy else good)
             elif self.path == "/stall.png":
                 self._send(200, good, stall=True)
             else:
@@ -115,7 +126,7 @@ def media_server(synthetic):
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", hits
+        yield f"http://127.0.0.1:{server.server_address[1]}", hits, files
     finally:
         server.shutdown()
         server.server_close()

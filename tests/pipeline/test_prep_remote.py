@@ -58,6 +58,13 @@ def test_s3_manifest_media_and_shards(s3, synthetic, ray_session, prep):
         )
     fs.pipe_file("media/videos.parquet", pd.DataFrame(rows).to_parquet(index=False))
 
+    # A missing bucket is an error before any work (and is never created).
+    assert (
+        prep("--videos", "s3://media/videos.parquet", "--out", "s3://nobucket/x", *storage_overrides(options))
+        == 2
+    )
+    assert not fs.exists("nobucket")
+
     out = "s3://shards/run1"
     argv = ["--videos", "s3://media/videos.parquet", "--out", out, *storage_overrides(options)]
     assert prep(*argv) == 0
@@ -103,33 +110,21 @@ def test_s3_manifest_media_and_shards(s3, synthetic, ray_session, prep):
     assert fs.exists("shards/run1/videos/000002.json")
 
 
-def test_http_media_with_retries_and_timeouts(media_server, synthetic, ray_session, prep, tmp_path):
-    base, hits = media_server
+def test_http_manifest_and_media_with_retries_and_timeouts(
+    media_server, synthetic, ray_session, prep, tmp_path
+):
+    base, hits, files = media_server
     names = sorted(p.name for p in (synthetic / "images").iterdir())[:3]
-    urls = [f"{base}/img/{n}" for n in names] + [
-        f"{base}/missing.png",
-        f"{base}/flaky.png",
-        f"{base}/stall.png",
-    ]
-    # LAION layout: URL / TEXT columns (found without configuration), extra columns ignored.
-    laion = pd.DataFrame(
-        {"URL": urls, "TEXT": [f"picture {i}" for i in range(6)], "WIDTH": 640, "HEIGHT": 360}
-    )
-    laion.to_parquet(tmp_path / "laion.parquet", index=False)
+    urls = [f"{base}/img/{n}" for n in names]
+    urls += [f"{base}/missing.png", f"{base}/flaky.png", f"{base}/stall.png"]
+    # LAION layout: URL / TEXT columns (found without configuration), extra columns ignored;
+    # the manifest itself is served over HTTP too.
+    laion = pd.DataFrame({"URL": urls, "TEXT": [f"picture {i}" for i in range(6)], "WIDTH": 640})
+    files["laion.parquet"] = laion.to_parquet(index=False)
     out = tmp_path / "out"
+    http = ["http.timeout_s=1", "http.retries=2", "http.backoff_s=0.05", "http.max_concurrency=4"]
     assert (
-        prep(
-            "--images",
-            str(tmp_path / "laion.parquet"),
-            "--out",
-            str(out),
-            "--samples-per-shard",
-            "6",
-            "http.timeout_s=1",
-            "http.retries=2",
-            "http.backoff_s=0.05",
-            "http.max_concurrency=4",
-        )
+        prep("--images", f"{base}/files/laion.parquet", "--out", str(out), "--samples-per-shard", "6", *http)
         == 0
     )
     status = pd.read_parquet(out / "images" / "000000.parquet")

@@ -179,7 +179,7 @@ def test_listing_finds_committed_shards_only(tmp_path):
 
 
 def test_http_fetch_retries_and_classifies(media_server):
-    base, hits = media_server
+    base, hits, _ = media_server
     cfg = load_config(PrepConfig, TINY, ["http.timeout_s=1", "http.retries=2", "http.backoff_s=0.05"]).http
     fetcher = Fetcher(cfg)
     results = list(
