@@ -1,0 +1,183 @@
+"""Checkpoints through the real launcher: exact resume, SIGKILL + `--resume auto`, SIGTERM,
+4 -> 2 ranks through Universal Checkpointing, export for sampling."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from conftest import REPO, env, launch, start, tail, train_args
+from safetensors.torch import load_file
+
+from model.config import UNetConfig
+from model.unet import HiGenUNet
+from preprocessing.config import from_dict
+from training.export import export
+
+pytestmark = pytest.mark.slow
+
+
+def metrics(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def copy_checkpoint(src: Path, out: Path) -> None:
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src, out / "checkpoints" / src.name)
+    shutil.copy(src.parent.parent / "config.yaml", out / "config.yaml")
+
+
+@pytest.fixture(scope="module")
+def baseline(dataset, tmp_path_factory) -> Path:
+    """Uninterrupted: 4 ranks (3 video, 1 image), ZeRO-2, 2 loader workers, 5 steps, saves at 3 and 5."""
+    out = tmp_path_factory.mktemp("baseline")
+    done = launch("training/train.py", 4, train_args(dataset, out, "--max-steps", "5", "--save-every", "3"))
+    assert done.returncode == 0, tail(done)
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5]
+    return out
+
+
+def test_metrics_lines(baseline):
+    for m in metrics(baseline):
+        for key in (
+            "step",
+            "loss_image",
+            "loss_video",
+            "lr",
+            "grad_norm",
+            "samples_per_s",
+            "data_wait_fraction",
+        ):
+            assert isinstance(m[key], (int, float)), key
+        assert m["lr"] == pytest.approx(5e-5) and 0 <= m["data_wait_fraction"] <= 1
+
+
+def test_resume_reproduces_uninterrupted_losses(baseline, dataset, tmp_path):
+    out = tmp_path / "resumed"
+    copy_checkpoint(baseline / "checkpoints" / "step_0000003", out)
+    done = launch("training/train.py", 4, train_args(dataset, out, "--max-steps", "5", "--resume", "auto"))
+    assert done.returncode == 0, tail(done)
+    assert "resumed from" in done.stdout and "step_0000003" in done.stdout
+    got, want = metrics(out), metrics(baseline)[3:]
+    assert [m["step"] for m in got] == [4, 5]
+    for a, b in zip(got, want):
+        assert (a["loss_image"], a["loss_video"], a["grad_norm"]) == (
+            b["loss_image"],
+            b["loss_video"],
+            b["grad_norm"],
+        )
+
+
+def test_universal_checkpoint_4_to_2_ranks(baseline, dataset, tmp_path):
+    out = tmp_path / "two"
+    copy_checkpoint(baseline / "checkpoints" / "step_0000005", out)
+    # lr 0: the step after loading must leave the weights exactly as the 4-rank run saved them.
+    done = launch(
+        "training/train.py",
+        2,
+        train_args(dataset, out, "--max-steps", "6", "roles.image_ranks=1", "optim.lr=0"),
+    )
+    assert done.returncode == 0, tail(done)
+    assert "world 4 -> 2 (universal)" in done.stdout
+    assert [m["step"] for m in metrics(out)] == [6]
+    before = load_file(
+        str(export(baseline / "checkpoints" / "step_0000005", tmp_path / "e4") / "unet.safetensors")
+    )
+    after = load_file(str(export(out, tmp_path / "e2") / "unet.safetensors"))
+    assert before.keys() == after.keys()
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=0, msg=k)
+
+
+def test_export_loads_into_the_unet(baseline, tmp_path):
+    out = export(baseline, tmp_path / "export")
+    import yaml
+
+    model = yaml.safe_load((out / "model.yaml").read_text())
+    assert model["text"] == "tiny" and model["vae"] == "tiny" and "diffusion" in model
+    unet = HiGenUNet(from_dict(UNetConfig, model["unet"]))
+    unet.load_state_dict(load_file(str(out / "unet.safetensors")), strict=True)
+
+
+def wait_for(cond, proc: subprocess.Popen, log: Path, timeout: float = 400) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        assert proc.poll() is None, f"run ended early:\n{log.read_text()[-4000:]}"
+        assert time.time() < deadline, f"timed out:\n{log.read_text()[-4000:]}"
+        time.sleep(0.5)
+
+
+def test_sigkill_one_rank_then_resume_auto(dataset, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "killed.log"
+    proc = start(
+        "training/train.py",
+        2,
+        train_args(dataset, out, "--max-steps", "200", "--save-every", "2", "roles.image_ranks=1"),
+        log,
+    )
+    latest = out / "checkpoints" / "latest"
+
+    def mid_run():  # a complete checkpoint exists and the run is past it
+        return latest.is_file() and metrics(out) and metrics(out)[-1]["step"] > int(latest.read_text()[5:])
+
+    try:
+        wait_for(mid_run, proc, log)
+        victim = next(
+            p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank=1" in p.cmdline()
+        )
+        victim.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=120) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    step = int(latest.read_text()[5:])
+    # An incomplete newer checkpoint (as a kill during a save leaves it) must be ignored.
+    fake = out / "checkpoints" / "step_0009999"
+    shutil.copytree(out / "checkpoints" / latest.read_text(), fake)
+    (fake / "rank_00001.json").unlink()
+    before = {m["step"]: m for m in metrics(out)}
+    done = launch(
+        "training/train.py",
+        2,
+        train_args(dataset, out, "--max-steps", str(step + 2), "--resume", "auto", "roles.image_ranks=1"),
+    )
+    assert done.returncode == 0, tail(done)
+    assert f"step_{step:07d} at step {step}" in done.stdout, tail(done)
+    after = metrics(out)[len(before) :]
+    assert [m["step"] for m in after] == [step + 1, step + 2]
+    for m in after:
+        if m["step"] in before:  # the killed run got that far: same losses
+            assert (m["loss_image"], m["loss_video"]) == (
+                before[m["step"]]["loss_image"],
+                before[m["step"]]["loss_video"],
+            )
+    assert (step + 1) in before
+
+
+def test_sigterm_writes_a_checkpoint_and_exits(dataset, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "term.log"
+    cmd = [
+        sys.executable,
+        "training/train.py",
+        *train_args(dataset, out, "--max-steps", "500", "--save-every", "1000"),
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: len(metrics(out)) >= 1, proc, log)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    last = metrics(out)[-1]["step"]
+    assert (out / "checkpoints" / "latest").read_text() == f"step_{last:07d}"
+    assert (out / "checkpoints" / f"step_{last:07d}" / "complete.json").is_file()

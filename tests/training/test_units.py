@@ -1,0 +1,200 @@
+"""Fast single-process tests: rank roles, the data streams, checkpoint selection, bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, TINY, env
+from shards import make_dataset, record, write_shard
+
+from preprocessing.config import ConfigError, load_config
+from training import checkpoint as ckpt
+from training.config import RolesSection, TrainConfig
+from training.data import DataError, RoleLoader, check_format, list_shards
+from training.roles import assign_role, image_rank_ids, roles_needed
+from training.setup import plan_data
+
+
+def test_roles_default_is_released_code_rank_mod_4():
+    cfg = RolesSection()
+    for world in (4, 8, 16):
+        assert image_rank_ids(cfg, world) == [r for r in range(world) if r % 4 == 3]
+    assert image_rank_ids(RolesSection(image_ranks=1), 2) == [1]
+    role = assign_role(RolesSection(image_micro_batch=5, video_micro_batch=2), 7, 8)
+    assert (role.role, role.role_rank, role.role_size, role.micro_batch) == ("image", 1, 2, 5)
+    role = assign_role(RolesSection(), 4, 8)
+    assert (role.role, role.role_rank, role.role_size, role.micro_batch) == ("video", 3, 6, 3)
+    assert roles_needed(RolesSection(), 1) == {"video"}
+
+
+def test_more_image_ranks_than_ranks_is_a_config_error():
+    with pytest.raises(ConfigError, match="roles.image_ranks"):
+        assign_role(RolesSection(image_ranks=5), 0, 4)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="optim.grad_decay_mode"):
+        load_config(TrainConfig, TINY, ["optim.grad_decay_mode=some"])
+    with pytest.raises(ConfigError, match="deepspeed.zero_stage"):
+        load_config(TrainConfig, TINY, ["deepspeed.zero_stage=4"])
+    with pytest.raises(ConfigError, match="optim.ema_decay"):
+        load_config(TrainConfig, TINY, ["deepspeed.zero_stage=3", "optim.ema_decay=0.999"])
+
+
+def batches(loader: RoleLoader, n: int) -> list[torch.Tensor]:
+    return [next(loader)["latents"] for _ in range(n)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_resumes_exactly_and_splits_by_rank(tmp_path, workers):
+    data = make_dataset(tmp_path, video_shards=3, per_shard=5)
+    urls = list_shards(str(data), "video")
+    role = assign_role(RolesSection(video_micro_batch=2), 0, 4)
+    first = RoleLoader(urls, role, 8, seed=3, num_workers=workers)
+    head = batches(first, 5)  # crosses shard boundaries (5 samples per shard, 2 per batch)
+    state = json.loads(json.dumps(first.state_dict()))  # survives a JSON round trip
+    tail = batches(first, 6)
+    again = RoleLoader(urls, role, 8, seed=3, num_workers=workers)
+    assert all(torch.equal(a, b) for a, b in zip(head, batches(again, 5)))  # deterministic
+    resumed = RoleLoader(urls, role, 8, seed=3, num_workers=workers)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(tail, batches(resumed, 6)))
+    other = RoleLoader(
+        urls, assign_role(RolesSection(video_micro_batch=2), 1, 4), 8, seed=3, num_workers=workers
+    )
+    assert not all(torch.equal(a, b) for a, b in zip(head, batches(other, 5)))  # another rank, other data
+
+
+def test_video_batch_carries_prior_motion_appearance(tmp_path):
+    urls = list_shards(str(make_dataset(tmp_path, per_shard=4)), "video")
+    batch = next(RoleLoader(urls, assign_role(RolesSection(video_micro_batch=3), 0, 1), 8, 0, 0))
+    assert batch["latents"].shape == (3, 4, 8, 8, 16)
+    assert batch["motion"].shape == (3, 7) and batch["appearance"].shape == (3, 8, 8)
+    assert batch["has_text"].tolist() == [True, False, True]  # text tokens on every 2nd sample
+    image = next(RoleLoader(list_shards(str(tmp_path), "image"), assign_role(RolesSection(), 3, 4), 8, 0, 0))
+    assert image["latents"].shape == (64, 4, 1, 8, 16)  # 12 images resampled into a batch of 64
+
+
+def test_corrupt_shard_is_skipped_and_counted(tmp_path):
+    data = make_dataset(tmp_path, video_shards=2, per_shard=4)
+    bad = data / "videos" / "000001.tar"
+    bad.write_bytes(bad.read_bytes()[:3000] + b"garbage" * 100)  # truncated mid-member
+    (data / "videos" / "000002.tar").write_bytes(b"not a tar at all")
+    (data / "videos" / "000002.json").write_text("{}")
+    urls = list_shards(str(data), "video")
+    loader = RoleLoader(urls, assign_role(RolesSection(video_micro_batch=2), 0, 1), 8, seed=1, num_workers=0)
+    got = batches(loader, 12)
+    assert len(got) == 12
+    assert loader.bad["bad_shard"] > 0
+
+
+def test_bad_sample_counted_with_reason(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    samples = [record("video", i, rng) for i in range(4)]
+    samples[1] = [(n, b) for n, b in samples[1] if not n.endswith("motion.npy")]
+    write_shard(folder / "000000.tar", samples)
+    loader = RoleLoader(
+        list_shards(str(tmp_path), "video"),
+        assign_role(RolesSection(video_micro_batch=3), 0, 1),
+        8,
+        seed=0,
+        num_workers=0,
+    )
+    next(loader)
+    assert loader.bad["missing_guidance"] == 1
+
+
+def test_bad_inputs_fail_before_training(tmp_path):
+    cfg = load_config(TrainConfig, TINY)
+    videos_only = make_dataset(tmp_path / "a", kinds=("video",))
+    with pytest.raises(DataError, match="no images/ folder"):
+        plan_data(cfg, str(videos_only), world_size=4)
+    assert plan_data(cfg, str(videos_only), world_size=2).frames == 8  # no image ranks: fine
+    old = make_dataset(tmp_path / "b", version=99)
+    with pytest.raises(DataError, match="format_version 99"):
+        check_format(list_shards(str(old), "video")[0])
+    empty = tmp_path / "c" / "videos"
+    empty.mkdir(parents=True)
+    (empty / "000000.tar").write_bytes(b"")  # no .json commit marker: not a complete shard
+    with pytest.raises(DataError, match="no complete shard"):
+        list_shards(str(tmp_path / "c"), "video")
+
+
+def test_cli_reports_bad_input_before_the_first_step(tmp_path, dataset):
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "training/train.py",
+        "--config",
+        str(TINY),
+        "--data",
+        str(dataset),
+        "--output",
+        str(out),
+        "roles.image_ranks=2",
+    ]
+    done = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "roles.image_ranks" in done.stderr and "only 1 ranks" in done.stderr
+    assert not (out / "metrics.jsonl").exists()
+
+
+def fake_checkpoint(root: Path, step: int, world: int = 2, complete: bool = True) -> Path:
+    path = root / "checkpoints" / ckpt.tag_for(step)
+    path.mkdir(parents=True)
+    (path / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    for r in range(world):
+        (path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"x")
+        ckpt.rank_file(path, r).write_text("{}")
+    if complete:
+        (path / ckpt.COMPLETE).write_text(json.dumps({"world_size": world, "step": step}))
+    return path
+
+
+def test_incomplete_checkpoints_are_never_chosen(tmp_path):
+    fake_checkpoint(tmp_path, 2)
+    good = fake_checkpoint(tmp_path, 4)
+    fake_checkpoint(tmp_path, 6, complete=False)  # killed before complete.json
+    missing_rank = fake_checkpoint(tmp_path, 8)
+    ckpt.rank_file(missing_rank, 1).unlink()
+    missing_optim = fake_checkpoint(tmp_path, 10)
+    next(missing_optim.glob("*optim_states.pt")).unlink()
+    assert ckpt.find_latest_complete(tmp_path, log=lambda m: None) == good
+    assert ckpt.resolve_resume("auto", tmp_path, log=lambda m: None) == good
+    assert ckpt.resolve_resume("none", tmp_path) is None
+    with pytest.raises(ckpt.ResumeError, match="missing rank_00001.json"):
+        ckpt.resolve_resume(str(missing_rank), tmp_path)
+    ckpt.prune(tmp_path, keep=1, log=lambda m: None)
+    left = [p.name for _, p in ckpt.list_checkpoints(tmp_path)]
+    assert left == [
+        "step_0000004",
+        "step_0000006",
+        "step_0000008",
+        "step_0000010",
+    ]  # newer kept for inspection
+    shutil.rmtree(tmp_path / "checkpoints")
+    assert ckpt.find_latest_complete(tmp_path) is None
+
+
+def test_rng_state_round_trips_through_json():
+    gen = torch.Generator().manual_seed(5)
+    state = json.loads(json.dumps(ckpt.rng_state(gen)))
+    expect = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=gen).item())
+    random.seed(0), np.random.seed(0), torch.manual_seed(0), gen.manual_seed(0)
+    ckpt.set_rng_state(state, gen)
+    assert (
+        random.random(),
+        np.random.rand(),
+        torch.rand(1).item(),
+        torch.rand(1, generator=gen).item(),
+    ) == expect

@@ -1,0 +1,64 @@
+"""Export a training checkpoint for sampling.
+
+    python -m training.export --ckpt DIR --out EXPORT_DIR [--ema]
+
+DIR is a checkpoint directory (`OUTPUT/checkpoints/step_XXXXXXX`) or a run directory (its newest
+complete checkpoint is used). Writes `EXPORT_DIR/unet.safetensors` (consolidated fp32 weights
+through DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint`, any ZeRO stage) and
+`EXPORT_DIR/model.yaml` (unet and diffusion configs, text encoder and VAE specs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def export(ckpt: str | Path, out: str | Path, ema: bool = False) -> Path:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file, save_file
+
+    from training.checkpoint import resolve_resume
+
+    path = resolve_resume(str(ckpt), Path(ckpt).parent)
+    run_dir = path.parent.parent
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} is missing: export needs the run's resolved training config")
+    train_cfg = yaml.safe_load(config_file.read_text())
+    if ema:
+        if not (path / "ema.safetensors").is_file():
+            raise FileNotFoundError(f"{path} has no ema.safetensors (train with optim.ema_decay set)")
+        state = load_file(str(path / "ema.safetensors"))
+    else:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.float().contiguous() for k, v in state.items()}, str(out / "unet.safetensors"))
+    model = {
+        "unet": train_cfg["unet"],
+        "diffusion": train_cfg["diffusion"],
+        "text": train_cfg["model"]["text"],
+        "vae": train_cfg["model"]["vae"],
+        "source": {"checkpoint": str(path), "ema": ema},
+    }
+    (out / "model.yaml").write_text(yaml.safe_dump(model, sort_keys=False))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint directory or run directory")
+    p.add_argument("--out", required=True, help="export directory")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights instead of the trained ones")
+    args = p.parse_args(argv)
+    out = export(args.ckpt, args.out, args.ema)
+    print(f"wrote {out / 'unet.safetensors'} and {out / 'model.yaml'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""The training loop: image ranks and video ranks under one DeepSpeed engine (SPEC §5).
+
+Every rank calls the same UNet forward: video ranks with F frames, the middle-frame spatial
+prior, motion and appearance; image ranks with F=1 and `spatial_only=True`, where the temporal
+layers run behind a zero gate. So all ranks run the same autograd graph, which ZeRO requires.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.unet import middle_frame_prior
+from preprocessing.config import to_yaml
+from training import checkpoint as ckpt_lib
+from training import setup
+from training.config import TrainConfig
+from training.data import RoleLoader
+from training.metrics import MetricsLog, count_train_flops, peak_flops, reduce_step
+from training.optim import (
+    EMA,
+    deepspeed_config,
+    install_grad_decay,
+    make_optimizer,
+    make_scheduler,
+    resolve_precision,
+)
+
+PREEMPTED_EXIT = 143  # 128 + SIGTERM: the job stopped early but left a complete checkpoint
+
+
+def rank_seed(seed: int, rank: int, step: int = 0) -> int:
+    return (seed * 1_000_003 + rank * 7919 + step) % (2**63)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, data_root: str, output: str):
+        self.cfg, self.data_root, self.output = cfg, data_root, str(output)
+        self.stop_requested = False
+        self.step = 0
+        self.flops: float | None = None
+
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, flush=True)
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def setup(self) -> Trainer:
+        import deepspeed
+
+        from model.diffusion import Diffusion
+        from model.encoders import TextEncoder
+        from model.params import param_groups
+
+        cfg = self.cfg
+        self.rank, self.world, self.device = setup.init_distributed()
+        self.role = setup.role_for(cfg, self.rank, self.world)
+        self.plan = setup.plan_data(cfg, self.data_root, self.world)
+        roles = "".join(setup.role_for(cfg, r, self.world).role[0] for r in range(self.world))
+        shards = {k: len(v) for k, v in self.plan.shards.items()}
+        self.log(f"[train] world {self.world}, rank roles {roles} (i=image, v=video), shards {shards}")
+        if self.rank == 0:
+            Path(self.output).mkdir(parents=True, exist_ok=True)
+            (Path(self.output) / "config.yaml").write_text(to_yaml(cfg))
+
+        self.text_encoder = TextEncoder(cfg.model.text, device=self.device)
+        setup.check_text_width(self.text_encoder.width, cfg)
+        self.null_context = self.text_encoder([""])
+        self.diffusion = Diffusion(cfg.diffusion)
+        unet = setup.build_unet(cfg, cfg.data.seed)
+        groups = param_groups(unet)
+
+        self.resume = setup.plan_resume(cfg.train.resume, self.output, self.world, self.log)
+        precision = resolve_precision(cfg)
+        ds_cfg = deepspeed_config(
+            cfg, self.role.micro_batch, precision, load_universal=not self.resume.same_world
+        )
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=unet, optimizer=make_optimizer(cfg, unet), lr_scheduler=make_scheduler(cfg), config=ds_cfg
+        )
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.hooks = install_grad_decay(
+            self.engine.module,
+            groups["spatial"],
+            cfg.optim.spatial_grad_decay,
+            cfg.optim.grad_decay_mode,
+            is_video_rank=not self.role.is_image,
+        )
+        self.ema = EMA(self.engine.module, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+        self.generator = torch.Generator().manual_seed(rank_seed(cfg.data.seed, self.rank))
+        self.loader = RoleLoader(
+            self.plan.shards[self.role.role],
+            self.role,
+            self.plan.frames,
+            cfg.data.seed,
+            cfg.data.num_workers,
+            cfg.data.prefetch_factor,
+            cfg.data.storage_options,
+        )
+        if self.resume.path is not None:
+            self._load()
+        self.metrics = MetricsLog(self.output, self.rank == 0, cfg.train.tensorboard, cfg.train.log_every)
+        return self
+
+    def _load(self) -> None:
+        plan = self.resume
+        load_path, _ = self.engine.load_checkpoint(plan.load_dir, tag=plan.tag)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint {plan.path}")
+        self.step = int(plan.meta["step"])
+        rank_state = None
+        if plan.same_world:
+            import json
+
+            rank_state = json.loads(ckpt_lib.rank_file(plan.path, self.rank).read_text())
+            data = rank_state["data"]
+            if (data["role"], data["role_rank"], data["num_workers"]) != (
+                self.role.role,
+                self.role.role_rank,
+                self.loader.num_workers,
+            ):
+                rank_state = None  # roles or workers changed: positions do not carry over
+        if rank_state is not None:
+            self.loader.load_state_dict(rank_state["data"])
+            ckpt_lib.set_rng_state(rank_state["rng"], self.generator)
+        else:
+            # New topology: streams and RNGs are re-derived from (seed, rank, step): deterministic
+            # for a given checkpoint and world size; shards are drawn with replacement anyway.
+            self.loader.reseed(generation=self.step)
+            seed = rank_seed(self.cfg.data.seed, self.rank, self.step)
+            self.generator.manual_seed(seed)
+            torch.manual_seed(seed)
+        if self.ema is not None and plan.meta.get("ema"):
+            from safetensors.torch import load_file
+
+            self.ema.load_state_dict(load_file(str(plan.path / "ema.safetensors")))
+        how = (
+            "same world size"
+            if plan.same_world
+            else f"world {plan.meta['world_size']} -> {self.world} (universal)"
+        )
+        self.log(f"[train] resumed from {plan.path} at step {self.step} ({how})")
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def context(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Precomputed `.text.npy` tokens where present, the frozen text encoder otherwise."""
+        has = batch["has_text"]
+        if bool(has.all()):
+            ctx = batch["text"].to(self.device)
+        else:
+            ctx = self.text_encoder(batch["caption"]).float()
+            if bool(has.any()):
+                ctx[has.to(self.device)] = batch["text"][has].to(self.device)
+        return ctx.to(self.dtype)
+
+    def compute_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        dev, dt = self.device, self.dtype
+        latents = batch["latents"].to(dev, dt)
+        video = {}
+        if not self.role.is_image:  # temporal reasoning: prior = middle frame latent, guidance
+            video = {
+                "spatial_prior": middle_frame_prior(latents),
+                "motion": batch["motion"].to(dev),
+                "appearance": batch["appearance"].to(dev),
+            }
+        return self.diffusion.training_loss(
+            self.engine,
+            latents,
+            self.context(batch),
+            spatial_only=self.role.is_image,
+            generator=self.generator,
+            null_context=self.null_context.to(dt),
+            **video,
+        )
+
+    def forward_backward(self, batch: dict[str, Any]) -> float:
+        loss = self.compute_loss(batch)
+        self.engine.backward(loss)
+        return float(loss.detach())
+
+    def train_step(self) -> dict[str, Any]:
+        t0, wait, losses, samples = time.perf_counter(), 0.0, [], 0
+        lr = float(self.engine.get_lr()[0])
+        for _ in range(self.cfg.deepspeed.gradient_accumulation_steps):
+            tw = time.perf_counter()
+            batch = next(self.loader)
+            wait += time.perf_counter() - tw
+            samples += len(batch["caption"])
+            if self.flops is None and self.device.type == "cuda":
+                self.flops = count_train_flops(lambda b=batch: losses.append(self.forward_backward(b)))
+            else:
+                losses.append(self.forward_backward(batch))
+            self.engine.step()
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.engine.module)
+        step_s = time.perf_counter() - t0
+        red = reduce_step(
+            self.role.role,
+            sum(losses) / len(losses),
+            samples,
+            wait,
+            step_s,
+            self.stop_requested,
+            self.device,
+            flops=self.flops or 0.0,
+            bad=sum(self.loader.bad.values()),
+        )
+        norm = self.engine.get_global_grad_norm()
+        total = red["samples_image"] + red["samples_video"]
+        record = {
+            "step": self.step,
+            "loss_image": red["loss_image"],
+            "loss_video": red["loss_video"],
+            "lr": lr,
+            "grad_norm": float(norm) if norm is not None else float("nan"),
+            "samples_per_s": total / red["step_time"],
+            "samples_per_s_image": red["samples_image"] / red["step_time"],
+            "samples_per_s_video": red["samples_video"] / red["step_time"],
+            "data_wait_fraction": red["data_wait_fraction"],
+            "step_time": red["step_time"],
+            "bad_samples": red["bad"],
+        }
+        peak = peak_flops()
+        if peak and red["flops"]:
+            record["mfu"] = red["flops"] / red["step_time"] / (peak * self.world)
+        return {**record, "stop": red["stop"]}
+
+    # -- run -----------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        state = {
+            "rank": self.rank,
+            "world_size": self.world,
+            "step": self.step,
+            "role": self.role.role,
+            "data": self.loader.state_dict(),
+            "rng": ckpt_lib.rng_state(self.generator),
+        }
+        meta = {"zero_stage": self.cfg.deepspeed.zero_stage, "roles": self.role.role_size}
+        ckpt_lib.save(
+            self.engine,
+            self.output,
+            self.step,
+            state,
+            meta,
+            self.cfg.train.keep,
+            self.ema.state_dict() if self.ema else None,
+            self.log,
+        )
+
+    def run(self, max_steps: int | None = None) -> int:
+        cfg = self.cfg
+        max_steps = cfg.train.max_steps if max_steps is None else max_steps
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        saved_at = self.step
+        try:
+            while self.step < max_steps:
+                record = self.train_step()
+                stop = record.pop("stop")
+                self.metrics.log(record)
+                if self.step % cfg.train.save_every == 0 or stop or self.step == max_steps:
+                    self.save()
+                    saved_at = self.step
+                if stop:
+                    self.log(f"[train] SIGTERM: checkpoint at step {self.step} written, exiting")
+                    return PREEMPTED_EXIT
+            if saved_at != self.step and self.step > 0:
+                self.save()
+            return 0
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self.loader.close()
+            self.metrics.close()
+            bad = dict(self.loader.bad)
+            if bad:
+                print(f"[train] rank {self.rank}: skipped data by reason {bad}", flush=True)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        # Acted on after the current step, by all ranks together (the flag is all-reduced).
+        self.stop_requested = True
