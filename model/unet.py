@@ -149,7 +149,7 @@ class HiGenUNet(nn.Module):
         cfg = self.cfg
         b, _, frames, h, w = self._check_inputs(x, timesteps, context, spatial_prior, motion, appearance,
                                                 spatial_only)
-        timesteps = timesteps.reshape(-1).expand(b) if timesteps.numel() == 1 else timesteps
+        timesteps = (timesteps.reshape(-1).expand(b) if timesteps.numel() == 1 else timesteps).to(x.device)
         gate = 0.0 if spatial_only else 1.0
         if spatial_only or spatial_prior is None:
             spatial_prior = x.new_zeros(b, cfg.in_channels, h, w)
@@ -169,25 +169,23 @@ class HiGenUNet(nn.Module):
         prior = self.spatial_prior(spatial_prior).repeat_interleave(frames, dim=0)
 
         hs = x.transpose(1, 2).reshape(b * frames, cfg.in_channels, h, w).to(weight.dtype)
-        stem_conv, stem_temporal = self.input_blocks[0]
-        hs = stem_conv(hs) + gate * prior
-        hs = hs + gate * stem_temporal(hs, frames)
+        hs = self._call(_run_stem, self.input_blocks[0], hs, prior, frames, gate)
         skips = [hs]
         for block in self.input_blocks[1:]:
-            hs = self._call(block, hs, emb, context, frames, gate, None)
+            hs = self._call(_run_block, block, hs, emb, context, frames, gate, None)
             skips.append(hs)
-        hs = self._call(self.middle_block, hs, emb, context, frames, gate, None)
+        hs = self._call(_run_block, self.middle_block, hs, emb, context, frames, gate, None)
         for block in self.output_blocks:
             hs = torch.cat([hs, skips.pop()], dim=1)
             size = tuple(skips[-1].shape[-2:]) if skips else None
-            hs = self._call(block, hs, emb, context, frames, gate, size)
+            hs = self._call(_run_block, block, hs, emb, context, frames, gate, size)
         hs = self.out(hs)
         return hs.reshape(b, frames, -1, h, w).transpose(1, 2)
 
-    def _call(self, block, hs, emb, context, frames, gate, size):
+    def _call(self, fn, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(_run_block, block, hs, emb, context, frames, gate, size, use_reentrant=False)
-        return _run_block(block, hs, emb, context, frames, gate, size)
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def _check_inputs(self, x, timesteps, context, spatial_prior, motion, appearance, spatial_only):
         cfg = self.cfg
@@ -231,6 +229,13 @@ def middle_frame_prior(latents: torch.Tensor) -> torch.Tensor:
     if latents.ndim != 5:
         raise ValueError(f"latents must be [B,C,F,h,w], got {tuple(latents.shape)}")
     return latents[:, :, latents.shape[2] // 2]
+
+
+def _run_stem(stem, hs, prior, frames, gate):
+    """Stem conv, plus the spatial prior embedding on every frame, then the temporal transformer."""
+    conv, temporal = stem
+    hs = conv(hs) + gate * prior
+    return hs + gate * temporal(hs, frames)
 
 
 def _run_block(block, hs, emb, context, frames, gate, size):
