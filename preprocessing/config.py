@@ -42,7 +42,8 @@ def _resolve_type(tp: Any) -> Any:
 
 def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
     if not isinstance(data, dict):
-        raise ConfigError(f"config section '{where or '<root>'}' must be a mapping, got {type(data).__name__}")
+        section = where or "<root>"
+        raise ConfigError(f"config section '{section}' must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
