@@ -16,15 +16,17 @@ RESUME_WORDS = ("auto", "none")
 
 @dataclass
 class ModelSection:
-    text: str = "ViT-H-14:laion2b_s32b_b79k"  # frozen text encoder (captions without .text.npy)
+    # Frozen text encoder for captions without `.text.npy` and for the empty caption of text
+    # dropout. null: precomputed tokens only (then diffusion.text_dropout must be 0).
+    text: str | None = "ViT-H-14:laion2b_s32b_b79k"
     vae: str = "stabilityai/stable-diffusion-2-1"  # recorded for sampling; training reads latents
     init: str | None = None  # optional safetensors state dict to start from (e.g. SD 2.1 mapped)
 
     def __post_init__(self) -> None:
         check(
-            isinstance(self.text, str) and self.text != "",
+            self.text is None or (isinstance(self.text, str) and self.text != ""),
             "model.text",
-            "must name an open_clip spec or `tiny`",
+            "must name an open_clip spec (`ViT-H-14:laion2b_s32b_b79k`), `tiny`, or be null",
         )
 
 
@@ -176,6 +178,11 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
 
     def __post_init__(self) -> None:
+        check(
+            self.model.text is not None or self.diffusion.text_dropout == 0,
+            "diffusion.text_dropout",
+            "text dropout needs the empty caption's tokens: set model.text, or diffusion.text_dropout=0",
+        )
         check(
             not (self.optim.ema_decay is not None and self.deepspeed.zero_stage == 3),
             "optim.ema_decay",

@@ -23,6 +23,7 @@ from training.data import RoleLoader
 from training.metrics import MetricsLog, count_train_flops, peak_flops, reduce_step
 from training.optim import (
     EMA,
+    apply_optim_config,
     deepspeed_config,
     install_grad_decay,
     make_optimizer,
@@ -68,9 +69,11 @@ class Trainer:
             Path(self.output).mkdir(parents=True, exist_ok=True)
             (Path(self.output) / "config.yaml").write_text(to_yaml(cfg))
 
-        self.text_encoder = TextEncoder(cfg.model.text, device=self.device)
-        setup.check_text_width(self.text_encoder.width, cfg)
-        self.null_context = self.text_encoder([""])
+        self.text_encoder = self.null_context = None
+        if cfg.model.text is not None:
+            self.text_encoder = TextEncoder(cfg.model.text, device=self.device)
+            setup.check_text_width(self.text_encoder.width, cfg)
+            self.null_context = self.text_encoder([""])
         self.diffusion = Diffusion(cfg.diffusion)
         unet = setup.build_unet(cfg, cfg.data.seed)
         groups = param_groups(unet)
@@ -112,6 +115,7 @@ class Trainer:
         load_path, _ = self.engine.load_checkpoint(plan.load_dir, tag=plan.tag)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {plan.path}")
+        apply_optim_config(self.engine.lr_scheduler, self.cfg)
         self.step = int(plan.meta["step"])
         rank_state = None
         if plan.same_world:
@@ -154,6 +158,9 @@ class Trainer:
         if bool(has.all()):
             ctx = batch["text"].to(self.device)
         else:
+            if self.text_encoder is None:
+                raise ValueError("a batch has samples without .text.npy tokens but model.text is null; "
+                                 "set model.text to the text encoder the shards were made for")
             ctx = self.text_encoder(batch["caption"]).float()
             if bool(has.any()):
                 ctx[has.to(self.device)] = batch["text"][has].to(self.device)
@@ -175,7 +182,7 @@ class Trainer:
             self.context(batch),
             spatial_only=self.role.is_image,
             generator=self.generator,
-            null_context=self.null_context.to(dt),
+            null_context=None if self.null_context is None else self.null_context.to(dt),
             **video,
         )
 

@@ -69,6 +69,18 @@ def make_scheduler(cfg: TrainConfig):
     return build
 
 
+def apply_optim_config(scheduler, cfg: TrainConfig) -> None:
+    """After loading a checkpoint: the config, not the checkpoint, sets the hyper-parameters
+    (lr schedule, betas, eps, weight decay), so a run can be resumed with a lower lr. With an
+    unchanged config this is a no-op and resuming stays exact."""
+    o = cfg.optim
+    scheduler.base_lrs = [o.lr for _ in scheduler.base_lrs]
+    lrs = [o.lr * fn(scheduler.last_epoch) for fn in scheduler.lr_lambdas]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group.update(lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    scheduler._last_lr = lrs
+
+
 def install_grad_decay(model: nn.Module, spatial: list[str], factor: float, mode: str, is_video_rank: bool):
     """Scale this rank's gradient of the spatial (pretrained) parameters by `factor`.
 

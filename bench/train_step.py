@@ -1,0 +1,138 @@
+"""Training step benchmark: data-wait fraction and samples/s per role (image rank, video rank).
+
+    python bench/train_step.py [--steps 20] [--warmup 3] [--workers 2]          # tiny, CPU
+    python bench/train_step.py --full [--video-batch 1 --image-batch 16]          # on a GPU
+
+Each role runs alone in one process (world of one) through the real Trainer, on synthetic
+shards written to a temporary folder: tiny = F=8, latents 8x16 (128x64); --full = the
+default config, F=32, latents 32x56 (448x256), precomputed [77,1024] text tokens (no text
+encoder weights needed). Reported over the steps after the warm-up: mean data-wait fraction
+(time blocked on the loader / step time; target <= 2% with 2 workers), samples/s, step time,
+and on GPUs peak memory and MFU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_shards(root: Path, frames: int, h: int, w: int, text_dim: int | None, shards: int, per_shard: int):
+    from preprocessing.shard_format import SampleRecord, sample_key, shard_name
+
+    rng = np.random.default_rng(0)
+    for kind in ("video", "image"):
+        folder = root / f"{kind}s"
+        folder.mkdir(parents=True)
+        for s in range(shards):
+            with tarfile.open(folder / f"{shard_name(s)}.tar", "w") as tar:
+                for i in range(per_shard):
+                    key = sample_key(f"{kind}-{s}-{i}")
+                    shape = (frames, 4, h, w) if kind == "video" else (4, h, w)
+                    feats = rng.standard_normal((frames, 8))
+                    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+                    video = kind == "video"
+                    latents = rng.standard_normal(shape).astype(np.float16)
+                    text = rng.standard_normal((77, text_dim)).astype(np.float16) if text_dim else None
+                    rec = SampleRecord(
+                        key, f"{kind} {s} {i}", latents, {"source": key}, text=text,
+                        motion=rng.uniform(5, 60, frames - 1).astype(np.float32) if video else None,
+                        appearance=(feats @ feats.T).astype(np.float32) if video else None,
+                    )
+                    for name, data in rec.members():
+                        info = tarfile.TarInfo(name)
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+            (folder / f"{shard_name(s)}.json").write_text(json.dumps({"ok": per_shard}))
+
+
+def run_role(config: Path, overrides: list[str], data: Path, out: Path, steps: int, warmup: int) -> dict:
+    from preprocessing.config import load_config
+    from training.config import TrainConfig
+    from training.loop import Trainer
+
+    cfg = load_config(TrainConfig, config, ["train.resume=none", "train.tensorboard=false", *overrides])
+    tr = Trainer(cfg, str(data), str(out)).setup()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    records = [tr.train_step() for _ in range(steps)][warmup:]
+    tr.loader.close()
+    res = {
+        "role": tr.role.role,
+        "batch": tr.role.micro_batch,
+        "wait": statistics.mean(r["data_wait_fraction"] for r in records),
+        "wait_max": max(r["data_wait_fraction"] for r in records),
+        "samples_s": statistics.mean(r["samples_per_s"] for r in records),
+        "step_s": statistics.mean(r["step_time"] for r in records),
+        "mfu": statistics.mean(r["mfu"] for r in records) if "mfu" in records[0] else None,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+    }
+    del tr
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--full", action="store_true", help="full-size default config (needs a GPU)")
+    p.add_argument("--video-batch", type=int, default=None)
+    p.add_argument("--image-batch", type=int, default=None)
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        if args.full:
+            config = REPO / "configs" / "train" / "default.yaml"
+            write_shards(data, 32, 32, 56, 1024, shards=4, per_shard=32)
+            common = ["model.text=null", "diffusion.text_dropout=0"]
+        else:
+            config = REPO / "configs" / "train" / "tiny.yaml"
+            write_shards(data, 8, 8, 16, None, shards=4, per_shard=16)
+            common = []
+        common += [f"data.num_workers={args.workers}"]
+        if args.video_batch:
+            common.append(f"roles.video_micro_batch={args.video_batch}")
+        if args.image_batch:
+            common.append(f"roles.image_micro_batch={args.image_batch}")
+        rows = []
+        for role, count in (("video", 0), ("image", 1)):
+            t0 = time.time()
+            res = run_role(config, [*common, f"roles.image_ranks={count}"], data, Path(tmp) / role,
+                           args.steps, args.warmup)
+            res["wall"] = time.time() - t0
+            rows.append(res)
+
+    print(f"\ntrain step benchmark ({'full' if args.full else 'tiny'}, {args.workers} loader workers, "
+          f"{args.steps - args.warmup} measured steps)")
+    print("| role | micro-batch | data wait (mean / max) | samples/s | step time | peak mem | MFU |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        mem = f"{r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else "-"
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        wait = f"{r['wait']:.2%} / {r['wait_max']:.2%}"
+        speed = f"{r['samples_s']:.2f} | {r['step_s']:.3f} s"
+        print(f"| {r['role']} | {r['batch']} | {wait} | {speed} | {mem} | {mfu} |")
+
+
+if __name__ == "__main__":
+    main()
