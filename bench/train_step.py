@@ -97,7 +97,11 @@ def main() -> None:
     p.add_argument("--full", action="store_true", help="full-size default config (needs a GPU)")
     p.add_argument("--video-batch", type=int, default=None)
     p.add_argument("--image-batch", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU intra-op threads (on a shared CPU, OpenMP spin-waits make 2+ erratic)")
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
@@ -122,8 +126,10 @@ def main() -> None:
             res["wall"] = time.time() - t0
             rows.append(res)
 
-    print(f"\ntrain step benchmark ({'full' if args.full else 'tiny'}, {args.workers} loader workers, "
-          f"{args.steps - args.warmup} measured steps)")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {args.threads} thread(s)"
+    size = "full" if args.full else "tiny"
+    print(f"\ntrain step benchmark ({size}, {device}, {args.workers} loader workers, "
+          f"{args.steps - args.warmup} measured steps, load average {os.getloadavg()[0]:.1f})")
     print("| role | micro-batch | data wait (mean / max) | samples/s | step time | peak mem | MFU |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:

@@ -152,8 +152,10 @@ def save(
     keep: int,
     ema_state: dict[str, torch.Tensor] | None = None,
     log=print,
+    config_yaml: str | None = None,
 ) -> Path:
-    """Collective: every rank calls it at the same step."""
+    """Collective: every rank calls it at the same step. `config_yaml` (the resolved training
+    config) is kept with the weights so an export never pairs them with a later config."""
     import torch.distributed as dist
     from deepspeed.checkpoint.constants import (
         UNIVERSAL_CHECKPOINT_INFO,
@@ -175,6 +177,8 @@ def save(
     }
     engine.save_checkpoint(str(root), tag=ckpt.name, client_state=client_state, save_latest=False)
     write_atomic(rank_file(ckpt, rank), json.dumps(rank_state))
+    if rank == 0 and config_yaml is not None:
+        (ckpt / "config.yaml").write_text(config_yaml)
     if rank == 0 and ema_state is not None:
         from safetensors.torch import save_file
 

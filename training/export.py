@@ -24,10 +24,14 @@ def export(ckpt: str | Path, out: str | Path, ema: bool = False) -> Path:
     from training.checkpoint import resolve_resume
 
     path = resolve_resume(str(ckpt), Path(ckpt).parent)
-    run_dir = path.parent.parent
-    config_file = run_dir / "config.yaml"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} is missing: export needs the run's resolved training config")
+    # The config saved with the checkpoint; older layouts only have the run's config.yaml.
+    config_file = next(
+        (p for p in (path / "config.yaml", path.parent.parent / "config.yaml") if p.is_file()), None
+    )
+    if config_file is None:
+        raise FileNotFoundError(
+            f"no config.yaml in {path} or its run directory: export needs the training config"
+        )
     train_cfg = yaml.safe_load(config_file.read_text())
     if ema:
         if not (path / "ema.safetensors").is_file():

@@ -159,8 +159,10 @@ class Trainer:
             ctx = batch["text"].to(self.device)
         else:
             if self.text_encoder is None:
-                raise ValueError("a batch has samples without .text.npy tokens but model.text is null; "
-                                 "set model.text to the text encoder the shards were made for")
+                raise ValueError(
+                    "a batch has samples without .text.npy tokens but model.text is null; "
+                    "set model.text to the text encoder the shards were made for"
+                )
             ctx = self.text_encoder(batch["caption"]).float()
             if bool(has.any()):
                 ctx[has.to(self.device)] = batch["text"][has].to(self.device)
@@ -260,6 +262,7 @@ class Trainer:
             self.cfg.train.keep,
             self.ema.state_dict() if self.ema else None,
             self.log,
+            config_yaml=to_yaml(self.cfg),
         )
 
     def run(self, max_steps: int | None = None) -> int:

@@ -166,7 +166,16 @@ def test_sigkill_one_rank_then_resume_auto(dataset, tmp_path):
 def test_sigterm_writes_a_checkpoint_and_exits(dataset, tmp_path):
     """Single process (`python training/train.py`), EMA on: SIGTERM -> checkpoint, status 143."""
     out, log = tmp_path / "run", tmp_path / "term.log"
-    args = train_args(dataset, out, "--max-steps", "500", "--save-every", "1000", "optim.ema_decay=0.5")
+    args = train_args(
+        dataset,
+        out,
+        "--max-steps",
+        "500",
+        "--save-every",
+        "1000",
+        "optim.ema_decay=0.5",
+        "train.tensorboard=true",
+    )
     cmd = [sys.executable, "training/train.py", *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
@@ -179,6 +188,7 @@ def test_sigterm_writes_a_checkpoint_and_exits(dataset, tmp_path):
     last = metrics(out)[-1]["step"]
     assert (out / "checkpoints" / "latest").read_text() == f"step_{last:07d}"
     assert (out / "checkpoints" / f"step_{last:07d}" / "complete.json").is_file()
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     # EMA weights (decay 0.5: after >= 1 step they differ from the initial and the trained weights)
     ema = load_file(str(export(out, tmp_path / "ema", ema=True) / "unet.safetensors"))
     trained = load_file(str(export(out, tmp_path / "raw") / "unet.safetensors"))
