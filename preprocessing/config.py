@@ -62,6 +62,12 @@ def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
             kwargs[name] = tuple(value)
         elif tp is float and isinstance(value, int) and not isinstance(value, bool):
             kwargs[name] = float(value)
+        elif tp is float and isinstance(value, str):
+            # YAML 1.1 reads `1e-8` (no dot) as a string; users mean the number.
+            try:
+                kwargs[name] = float(value)
+            except ValueError:
+                raise ConfigError(f"config field '{path}': expected a number, got {value!r}") from None
         else:
             kwargs[name] = value
     return cls(**kwargs)

@@ -55,3 +55,11 @@ def test_loads_from_yaml_and_overrides(tmp_path):
     assert (cfg.frames, cfg.width, cfg.target_fps, cfg.decoder_recycle_every) == (8, 128, 4.0, 3)
     with pytest.raises(ConfigError, match="frame"):
         load_config(VideoConfig, path, ["frame=9"])  # typo: unknown key
+
+
+def test_yaml_exponent_without_dot_is_a_number(tmp_path):
+    path = tmp_path / "v.yaml"
+    path.write_text("target_fps: 8e0\n")
+    assert load_config(VideoConfig, path).target_fps == 8.0
+    with pytest.raises(ConfigError, match="target_fps"):
+        load_config(VideoConfig, None, ["target_fps=fast"])
