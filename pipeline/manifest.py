@@ -14,9 +14,10 @@ from __future__ import annotations
 import os
 import posixpath
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -52,6 +53,53 @@ class ShardPlan:
     first_row: int
     sources: list[str | None]
     captions: list[Any]
+    # position in this shard -> the earlier manifest row with the same source (any shard)
+    duplicate_of: dict[int, int] = field(default_factory=dict)
+
+
+class SeenSources:
+    """The first manifest row of every source key seen so far, across all shards.
+
+    A repeated source must fail as `duplicate` even when its first row sits in another shard
+    (same key twice in a dataset). 16 bytes per row (64-bit key digest + row) in sorted numpy
+    arrays, merged from a small dict every `merge_at` new keys: 10M rows stay near 160 MB.
+    """
+
+    def __init__(self, merge_at: int = 1 << 18):
+        self.digests = np.empty(0, np.uint64)
+        self.rows = np.empty(0, np.int64)
+        self.pending: dict[int, int] = {}
+        self.merge_at = merge_at
+
+    def first_row(self, key: str, row: int) -> int | None:
+        """The earlier row of this key, or None (and remember `row` as its first)."""
+        digest = int(key[:16], 16)
+        if digest in self.pending:
+            return self.pending[digest]
+        i = int(np.searchsorted(self.digests, np.uint64(digest)))
+        if i < len(self.digests) and int(self.digests[i]) == digest:
+            return int(self.rows[i])
+        self.pending[digest] = row
+        if len(self.pending) >= self.merge_at:
+            self._merge()
+        return None
+
+    def _merge(self) -> None:
+        new = np.fromiter(self.pending.keys(), np.uint64, len(self.pending))
+        digests = np.concatenate([self.digests, new])
+        rows = np.concatenate([self.rows, np.fromiter(self.pending.values(), np.int64, len(new))])
+        order = np.argsort(digests, kind="stable")
+        self.digests, self.rows, self.pending = digests[order], rows[order], {}
+
+    def mark(self, plan: ShardPlan) -> ShardPlan:
+        from preprocessing.shard_format import sample_key
+
+        for pos, source in enumerate(plan.sources):
+            if source:
+                first = self.first_row(sample_key(source), plan.first_row + pos)
+                if first is not None:
+                    plan.duplicate_of[pos] = first
+        return plan
 
 
 def _format_of(path: str) -> str:

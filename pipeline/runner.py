@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import PrepConfig, output_config, prep_fingerprint, public_config
-from pipeline.manifest import Manifest, ShardPlanner
+from pipeline.manifest import Manifest, SeenSources, ShardPlanner
 from pipeline.shard import EncoderActor, ShardTask
 from pipeline.storage import KINDS, OutputStore, json_bytes
 from pipeline.summary import KindStats, Summary
@@ -200,7 +200,9 @@ class Dispatch:
                 bar.update(1)
                 bar.set_postfix(samples_s=f"{stats.rows_done / max(time.perf_counter() - start, 1e-9):.1f}")
 
+        seen = SeenSources()
         for plan in ShardPlanner(manifest, self.cfg.samples_per_shard).run():
+            seen.mark(plan)  # committed shards too: the first row of a source keeps its key
             retry = plan.index in to_retry
             if plan.index in committed and not retry:
                 stats.skipped.append(plan.index)

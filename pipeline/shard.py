@@ -9,8 +9,8 @@ Every encode call gets exactly `batch_samples` samples (a short batch is padded,
 `encode_results`): identical inputs give byte-identical tars even when a neighbour failed.
 
 Duplicates are found before any work: the first row with a given source keeps the key, later
-ones fail with reason `duplicate`. (Across shards a repeated source repeats its key: finding
-those needs global state; readers that care can dedupe on `__key__`.) Any exception from one
+ones fail with reason `duplicate`; the driver marks repeats of a source first seen in an
+earlier shard (`ShardPlan.duplicate_of`), so a key appears once per dataset. Any exception from one
 sample becomes that row's failure; only storage errors (the shard cannot be written) fail
 the task.
 """
@@ -168,11 +168,11 @@ class ShardTask:
             if not source:
                 column = "video" if plan.kind == "videos" else "image"
                 settled[pos] = ("failed", "missing_file", f"manifest row {row}: the {column} column is empty")
-            elif key in first_row:
+            elif key in first_row or pos in plan.duplicate_of:
                 settled[pos] = (
                     "failed",
                     "duplicate",
-                    f"{source}: same source as manifest row {first_row[key]}",
+                    f"{source}: same source as manifest row {plan.duplicate_of.get(pos, first_row.get(key))}",
                 )
             else:
                 first_row[key] = row

@@ -174,11 +174,29 @@ def test_duplicate_sources_fail_with_reason(synthetic, prep, tmp_path):
     out = tmp_path / "out"
     assert prep("--images", str(tmp_path / "m.parquet"), "--out", str(out)) == 0
     table = status(out, "images")
-    assert table.status.tolist() == ["ok", "ok", "failed", "ok", "ok"]
-    assert table.reason[2] == "duplicate" and "manifest row 0" in table.detail[2]
-    with tarfile.open(out / "images" / "000000.tar") as tar:
-        keys = [m.name.split(".", 1)[0] for m in tar.getmembers() if m.name.endswith(".txt")]
+    # The repeat in shard 1 fails too: a key appears once in the whole dataset.
+    assert table.status.tolist() == ["ok", "ok", "failed", "ok", "failed"]
+    assert table.reason[2] == table.reason[4] == "duplicate"
+    assert "manifest row 0" in table.detail[2] and "manifest row 0" in table.detail[4]
+    keys = []
+    for shard in ("000000", "000001"):
+        with tarfile.open(out / "images" / f"{shard}.tar") as tar:
+            keys += [m.name.split(".", 1)[0] for m in tar.getmembers() if m.name.endswith(".txt")]
     assert len(keys) == len(set(keys)) == 3
+    # A rerun that resumes (shard 0 committed, shard 1 redone) decides the same way.
+    (out / "images" / "000001.json").unlink()
+    assert prep("--images", str(tmp_path / "m.parquet"), "--out", str(out)) == 0
+    assert status(out, "images").status.tolist() == ["ok", "ok", "failed", "ok", "failed"]
+
+
+def test_seen_sources_across_merges():
+    from pipeline.manifest import SeenSources
+    from preprocessing.shard_format import sample_key
+
+    seen = SeenSources(merge_at=3)  # force several merges into the sorted arrays
+    sources = [f"s3://b/{i % 7}.mp4" for i in range(30)]
+    firsts = [seen.first_row(sample_key(s), row) for row, s in enumerate(sources)]
+    assert firsts == [None] * 7 + [row % 7 for row in range(7, 30)]
 
 
 def test_encoder_actors_give_the_same_shards(first_run, synthetic, prep, tmp_path):
