@@ -126,5 +126,6 @@ def test_s3_preprocess_train_report(aws_env, tmp_path):
              and p.suffix in {".json", ".jsonl", ".yaml", ".md", ".html", ".txt", ".log"}]
     dumps_text = "".join(p.read_text(errors="ignore") for p in dumps)
     dataset_json = fs.cat("shards/demo/dataset.json").decode()
-    for text, what in ((" ".join(logs), "logs"), (dumps_text, "run/report files"), (dataset_json, "dataset.json")):
+    places = ((" ".join(logs), "logs"), (dumps_text, "run/report files"), (dataset_json, "dataset.json"))
+    for text, what in places:
         assert SECRET not in text, f"the AWS secret leaked into {what}"
