@@ -86,8 +86,13 @@ class KindReport:
         def stats(a: np.ndarray) -> dict[str, float] | None:
             if a.size == 0:
                 return None
-            return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()),
-                    "median": float(np.median(a)), "max": float(a.max())}
+            return {
+                "mean": float(a.mean()),
+                "std": float(a.std()),
+                "min": float(a.min()),
+                "median": float(np.median(a)),
+                "max": float(a.max()),
+            }
 
         return {
             "shards": self.shards,
@@ -157,8 +162,11 @@ def _add_sample(result: ShardResult, key: str, members: dict[str, bytes]) -> Non
     if motion is not None and appearance is not None:
         if motion.ndim != 1 or appearance.shape != (len(motion) + 1,) * 2:
             result.unreadable["bad_shape"] += 1
-            print(f"report: {result.name} sample {key}: motion {motion.shape} / appearance "
-                  f"{appearance.shape} do not agree", file=sys.stderr)
+            print(
+                f"report: {result.name} sample {key}: motion {motion.shape} / appearance "
+                f"{appearance.shape} do not agree",
+                file=sys.stderr,
+            )
             return
         result.motion_raw.append(motion.astype(np.float32))
         result.motion_mean.append(float(motion.mean()))

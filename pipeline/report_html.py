@@ -101,8 +101,17 @@ def _fmt(v: Any) -> str:
 def _counts_table(reports: dict[str, Any]) -> list[list[str]]:
     rows = [["kind", "shards", "incomplete shards", "rows", "ok", "failed", "samples in tars"]]
     for kind, rep in reports.items():
-        rows.append([kind, str(rep.shards), str(len(rep.incomplete_shards)), str(rep.rows),
-                     str(rep.status.get("ok", 0)), str(rep.status.get("failed", 0)), str(rep.samples)])
+        rows.append(
+            [
+                kind,
+                str(rep.shards),
+                str(len(rep.incomplete_shards)),
+                str(rep.rows),
+                str(rep.status.get("ok", 0)),
+                str(rep.status.get("failed", 0)),
+                str(rep.samples),
+            ]
+        )
     return rows
 
 
@@ -118,8 +127,9 @@ def _stats_table(videos) -> list[list[str]]:
     rows = [["quantity", "mean", "std", "min", "median", "max"]]
     for name in ("motion_raw", "motion_mean_per_clip", "appearance_factor", "frames", "span_seconds"):
         st = s[name]
-        rows.append([name] + ([_fmt(st[k]) for k in ("mean", "std", "min", "median", "max")]
-                              if st else ["-"] * 5))
+        rows.append(
+            [name] + ([_fmt(st[k]) for k in ("mean", "std", "min", "median", "max")] if st else ["-"] * 5)
+        )
     return rows
 
 
@@ -139,11 +149,15 @@ def _warnings(reports: dict[str, Any]) -> list[str]:
     out = []
     for kind, rep in reports.items():
         if rep.incomplete_shards:
-            out.append(f"{kind}: {len(rep.incomplete_shards)} incomplete shard(s) (no NNNNNN.json) "
-                       "not counted: " + ", ".join(rep.incomplete_shards[:10]))
+            out.append(
+                f"{kind}: {len(rep.incomplete_shards)} incomplete shard(s) (no NNNNNN.json) "
+                "not counted: " + ", ".join(rep.incomplete_shards[:10])
+            )
         if rep.samples != rep.status.get("ok", 0):
-            out.append(f"{kind}: the tars hold {rep.samples} samples but the status tables say "
-                       f"{rep.status.get('ok', 0)} ok")
+            out.append(
+                f"{kind}: the tars hold {rep.samples} samples but the status tables say "
+                f"{rep.status.get('ok', 0)} ok"
+            )
         if rep.unreadable:
             out.append(f"{kind}: unreadable small members: {dict(rep.unreadable)}")
     return out
@@ -162,13 +176,29 @@ def render(reports: dict[str, Any], dataset: dict[str, Any], source: str) -> dic
     counts, reasons, stats = _counts_table(reports), _reason_table(reports), _stats_table(videos)
     warnings = _warnings(reports)
     pearson = _fmt(videos.pearson())
-    note = ("Motion factors are stored raw; the model multiplies them by its motion scale (10 by "
-            "default) before embedding, and the paper's γm range 300–600 refers to that scale at "
-            "448×256. The factor grows with resolution.")
-    md = [f"# Dataset report: {source}", "", "## Counts (status tables)", _md_table(counts), "",
-          "## Failure reasons", _md_table(reasons), "", "## Video clip statistics", _md_table(stats), "",
-          f"Pearson correlation of per-clip mean motion and γa: **{pearson}** "
-          "(paper Fig. 10: 0.40 with DINO features on 8000 clips).", "", note, ""]
+    note = (
+        "Motion factors are stored raw; the model multiplies them by its motion scale (10 by "
+        "default) before embedding, and the paper's γm range 300–600 refers to that scale at "
+        "448×256. The factor grows with resolution."
+    )
+    md = [
+        f"# Dataset report: {source}",
+        "",
+        "## Counts (status tables)",
+        _md_table(counts),
+        "",
+        "## Failure reasons",
+        _md_table(reasons),
+        "",
+        "## Video clip statistics",
+        _md_table(stats),
+        "",
+        f"Pearson correlation of per-clip mean motion and γa: **{pearson}** "
+        "(paper Fig. 10: 0.40 with DINO features on 8000 clips).",
+        "",
+        note,
+        "",
+    ]
     if warnings:
         md += ["## Warnings", *[f"- {w}" for w in warnings], ""]
     md += ["## Plots", *[f"![{title}]({name})" for name, title in PLOTS.items()], ""]
@@ -176,25 +206,34 @@ def render(reports: dict[str, Any], dataset: dict[str, Any], source: str) -> dic
         md += ["## dataset.json", "```json", json.dumps(dataset, indent=2, default=str), "```", ""]
     files["report.md"] = "\n".join(md).encode()
 
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}"
-             ".warn{color:#a33}")
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Dataset report</title>"
-             f"<style>{style}</style></head><body>",
-             f"<h1>Dataset report</h1><p>{html.escape(source)}</p>",
-             "<h2>Counts (status tables)</h2>", _html_table(counts),
-             "<h2>Failure reasons</h2>", _html_table(reasons),
-             "<h2>Video clip statistics</h2>", _html_table(stats),
-             f"<p>Pearson correlation of per-clip mean motion and γa: <b>{pearson}</b> "
-             "(paper Fig. 10: 0.40 with DINO features).</p>", f"<p>{html.escape(note)}</p>"]
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}"
+        ".warn{color:#a33}"
+    )
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>Dataset report</title>"
+        f"<style>{style}</style></head><body>",
+        f"<h1>Dataset report</h1><p>{html.escape(source)}</p>",
+        "<h2>Counts (status tables)</h2>",
+        _html_table(counts),
+        "<h2>Failure reasons</h2>",
+        _html_table(reasons),
+        "<h2>Video clip statistics</h2>",
+        _html_table(stats),
+        f"<p>Pearson correlation of per-clip mean motion and γa: <b>{pearson}</b> "
+        "(paper Fig. 10: 0.40 with DINO features).</p>",
+        f"<p>{html.escape(note)}</p>",
+    ]
     if warnings:
         items = [f"<li class='warn'>{html.escape(w)}</li>" for w in warnings]
         parts += ["<h2>Warnings</h2><ul>", *items, "</ul>"]
     for name, title in PLOTS.items():
         parts.append(f"<h2>{html.escape(title)}</h2><img src='{name}' alt='{html.escape(title)}'>")
     if dataset:
-        parts.append("<h2>dataset.json</h2><pre>" + html.escape(json.dumps(dataset, indent=2, default=str))
-                     + "</pre>")
+        parts.append(
+            "<h2>dataset.json</h2><pre>" + html.escape(json.dumps(dataset, indent=2, default=str)) + "</pre>"
+        )
     parts.append("</body></html>")
     files["index.html"] = "\n".join(parts).encode()
     return files

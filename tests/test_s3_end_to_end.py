@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,9 @@ def aws_env(tmp_path):
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    # moto keeps its buckets per process, across servers: start every test from empty
+    reset = "http://{}:{}/moto-api/reset".format(*server.get_host_and_port())
+    urllib.request.urlopen(urllib.request.Request(reset, method="POST"), timeout=10).close()
     host, port = server.get_host_and_port()
     creds = tmp_path / "aws_credentials"
     creds.write_text(f"[default]\naws_access_key_id = {KEY_ID}\naws_secret_access_key = {SECRET}\n")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import urllib.request
 from contextlib import contextmanager
 
 import pandas as pd
@@ -31,6 +32,9 @@ def flaky_s3_run(root, every: int = 5):
     generate(root / "media", videos=2, images=3, bad=False, seconds=1.5)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    # moto keeps its buckets per process, across servers: start every test from empty
+    reset = "http://{}:{}/moto-api/reset".format(*server.get_host_and_port())
+    urllib.request.urlopen(urllib.request.Request(reset, method="POST"), timeout=10).close()
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto logs every request otherwise
     host, port = server.get_host_and_port()
     proxy = FaultProxy(f"http://{host}:{port}", every=every).start()

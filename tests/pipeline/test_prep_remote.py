@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import urllib.request
 
 import numpy as np
 import pandas as pd
@@ -22,6 +23,9 @@ def s3():
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    # moto keeps its buckets per process, across servers: start every test from empty
+    reset = "http://{}:{}/moto-api/reset".format(*server.get_host_and_port())
+    urllib.request.urlopen(urllib.request.Request(reset, method="POST"), timeout=10).close()
     host, port = server.get_host_and_port()
     options = {
         "key": "testing",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,9 @@ def test_report_from_s3(prep_out, tmp_path):
 
     server = ThreadedMotoServer(port=0, verbose=False)
     server.start()
+    # moto keeps its buckets per process, across servers: start every test from empty
+    reset = "http://{}:{}/moto-api/reset".format(*server.get_host_and_port())
+    urllib.request.urlopen(urllib.request.Request(reset, method="POST"), timeout=10).close()
     try:
         host, port = server.get_host_and_port()
         opts = dict(key="test", secret="test", client_kwargs={"endpoint_url": f"http://{host}:{port}",

@@ -7,6 +7,7 @@ import random
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +208,9 @@ def test_s3_shards_stream_like_local_ones(tmp_path):
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    # moto keeps its buckets per process, across servers: start every test from empty
+    reset = "http://{}:{}/moto-api/reset".format(*server.get_host_and_port())
+    urllib.request.urlopen(urllib.request.Request(reset, method="POST"), timeout=10).close()
     host, port = server.get_host_and_port()
     opts = {
         "key": "testing",
