@@ -17,7 +17,10 @@ the task.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import platform
+import sys
 import time
 import traceback
 from collections import deque
@@ -33,6 +36,7 @@ from preprocessing.shard_format import SampleError, sample_key
 # Result of one row: ("ok", key, members) | ("failed", reason, detail)
 Result = tuple
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 _WORKER: dict[str, tuple[str, Any]] = {}  # per worker process: models and decoders stay loaded
 
 
@@ -45,6 +49,24 @@ def _cached(slot: str, config: Any, build):
             held[1].close()
         _WORKER[slot] = (key, build())
     return _WORKER[slot][1]
+
+
+def keep_heap_pages() -> bool:
+    """glibc: keep freed tensor buffers (up to 32 MB each, 256 MB at the heap top) for reuse.
+
+    In Ray worker processes glibc's adaptive mmap threshold does not take effect: every VAE
+    activation was a fresh mmap, and the page faults cost ~40% extra CPU per sample
+    (measured: 0.55 s of system time per 48 tiny clips, 0.03 s after this). Pinning the
+    thresholds gives the worker the same steady state as a plain process. No-op off glibc.
+    """
+    if _WORKER.get("malloc") is not None:
+        return _WORKER["malloc"][1]
+    ok = False
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        libc = ctypes.CDLL("libc.so.6")
+        ok = bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 256 << 20))
+    _WORKER["malloc"] = ("", ok)
+    return ok
 
 
 def set_torch_threads(cpus: float) -> int:
@@ -76,6 +98,7 @@ class EncoderActor:
     def __init__(self, cfg: PrepConfig):
         from preprocessing.process import Encoder
 
+        keep_heap_pages()
         set_torch_threads(cfg.execution.cpus_per_encoder)
         self.encoder = Encoder(cfg.models)
 
@@ -194,6 +217,7 @@ class ShardTask:
 
     def run(self, plan: ShardPlan, retry: bool = False, task_offset: int = 0) -> dict[str, Any]:
         start = time.perf_counter()
+        keep_heap_pages()
         timing = dict(fetch_s=0.0, decode_s=0.0, encode_s=0.0, write_s=0.0)
         kind = "video" if plan.kind == "videos" else "image"
         kept_keys = self._kept(plan) if retry else set()
