@@ -42,12 +42,12 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from core.config import load_config  # noqa: E402
+from core.shard_format import SampleError, SampleRecord, sample_key  # noqa: E402
 from pipeline.config import PrepConfig  # noqa: E402
 from pipeline.runner import JobArgs, PrepJob  # noqa: E402
 from pipeline.shard import encode_results, set_torch_threads  # noqa: E402
 from pipeline.writer import tar_info  # noqa: E402
-from preprocessing.config import load_config  # noqa: E402
-from preprocessing.shard_format import SampleError, SampleRecord, sample_key  # noqa: E402
 
 
 def make_manifest(root: Path, videos: int) -> Path:

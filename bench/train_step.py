@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def write_shards(root: Path, frames: int, h: int, w: int, text_dim: int | None, shards: int, per_shard: int):
-    from preprocessing.shard_format import SampleRecord, sample_key, shard_name
+    from core.shard_format import SampleRecord, sample_key, shard_name
 
     rng = np.random.default_rng(0)
     for kind in ("video", "image"):
@@ -65,7 +65,7 @@ def write_shards(root: Path, frames: int, h: int, w: int, text_dim: int | None, 
 
 
 def run_role(config: Path, overrides: list[str], data: Path, out: Path, steps: int, warmup: int) -> dict:
-    from preprocessing.config import load_config
+    from core.config import load_config
     from training.config import TrainConfig
     from training.loop import Trainer
 

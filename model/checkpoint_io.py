@@ -19,8 +19,8 @@ from typing import Any
 import torch
 import yaml
 
+from core.config import from_dict
 from model.config import DiffusionConfig, UNetConfig
-from preprocessing.config import from_dict
 
 EXPORT_WEIGHTS = "unet.safetensors"
 EXPORT_CONFIG = "model.yaml"
@@ -145,7 +145,7 @@ def save_export(unet: torch.nn.Module, unet_cfg: UNetConfig, diffusion_cfg: Diff
     a model built from pretrained weights without training, or a tiny one in tests."""
     from safetensors.torch import save_file
 
-    from preprocessing.config import to_dict
+    from core.config import to_dict
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -158,7 +158,7 @@ def save_export(unet: torch.nn.Module, unet_cfg: UNetConfig, diffusion_cfg: Diff
 
 def load_for_sampling(ckpt: str | Path) -> ModelBundle:
     """Resolve `--ckpt` (see the module docstring) and load it on the CPU in fp32."""
-    from training.checkpoint import check_complete, find_latest_complete
+    from core.checkpoints import check_complete, find_latest_complete
 
     path = Path(ckpt)
     if not path.exists():

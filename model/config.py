@@ -2,7 +2,7 @@
 UNetSD with HiGen's spatial prior, motion and appearance guidance. `UNetConfig.tiny()` is the
 small random model used by tests, the demo and CI.
 
-Both are plain dataclasses: build them from YAML with `preprocessing.config.load_config` /
+Both are plain dataclasses: build them from YAML with `core.config.load_config` /
 `from_dict` (lists become tuples).
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from preprocessing.config import check
+from core.config import check
 
 
 @dataclass

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.encoders import load_clip
+from core.encoders import load_clip
 
 MOTION_SWEEP = (300.0, 400.0, 500.0, 600.0)
 APPEARANCE_SWEEP = (0.0, 0.5, 1.0)
@@ -109,8 +109,8 @@ def sample_real_frames(path: str, frames: int, target_fps: float) -> np.ndarray:
     """F frames of a real video at the model's frame rate, chosen as preprocessing chooses them."""
     import decord
 
-    from preprocessing.geometry import select_frames
-    from preprocessing.shard_format import sample_key
+    from core.geometry import select_frames
+    from core.shard_format import sample_key
 
     reader = decord.VideoReader(path)
     indices, _ = select_frames(len(reader), float(reader.get_avg_fps()), target_fps, frames, sample_key(path))
@@ -278,8 +278,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from core.config import ConfigError
     from model.checkpoint_io import CheckpointError
-    from preprocessing.config import ConfigError
 
     args = build_parser().parse_args(argv)
     try:

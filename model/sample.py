@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from core.config import ConfigError, check, load_config, to_dict
 from model.checkpoint_io import CheckpointError, ModelBundle, load_for_sampling
 from model.video_io import contact_sheet, load_image, to_uint8, write_gif, write_mp4
-from preprocessing.config import ConfigError, check, load_config, to_dict
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -87,8 +87,8 @@ class Sampler:
     """The loaded model, text encoder and VAE; generates batches of videos."""
 
     def __init__(self, bundle: ModelBundle, cfg: SampleConfig):
+        from core.encoders import TextEncoder, load_vae
         from model.diffusion import Diffusion
-        from model.encoders import TextEncoder, load_vae
 
         self.cfg, self.bundle = cfg, bundle
         self.frames = cfg.frames or bundle.unet_cfg.frames
@@ -168,7 +168,7 @@ class Sampler:
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """uint8 frames [B,F,H,W,3]."""
-        from model.encoders import decode_latents
+        from core.encoders import decode_latents
 
         return to_uint8(decode_latents(self.vae, latents.to(self.dtype), chunk=self.cfg.vae_chunk))
 

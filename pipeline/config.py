@@ -18,9 +18,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from preprocessing.config import check, to_dict
+from core.config import check, to_dict
+from core.shard_format import FORMAT_VERSION
 from preprocessing.settings import ImageConfig, ModelsConfig, VideoConfig
-from preprocessing.shard_format import FORMAT_VERSION
 
 # Fallback column names, tried in order when the configured column is absent:
 # LAION parquet calls the image URL `URL` and the caption `TEXT`.

@@ -26,9 +26,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from http.client import HTTPException
 from typing import Any
 
+from core.shard_format import SampleError
 from pipeline.config import HttpConfig
 from pipeline.storage import url_to_fs
-from preprocessing.shard_format import SampleError
 
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 CHUNK = 1 << 20

@@ -92,7 +92,7 @@ class SeenSources:
         self.digests, self.rows, self.pending = digests[order], rows[order], {}
 
     def mark(self, plan: ShardPlan) -> ShardPlan:
-        from preprocessing.shard_format import sample_key
+        from core.shard_format import sample_key
 
         for pos, source in enumerate(plan.sources):
             if source:

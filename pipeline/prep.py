@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from core.config import ConfigError, load_config
 from pipeline.config import PrepConfig
 from pipeline.manifest import ManifestError
 from pipeline.runner import JobArgs, JobError, PrepJob
 from pipeline.storage import OutputError
-from preprocessing.config import ConfigError, load_config
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

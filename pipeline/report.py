@@ -28,7 +28,7 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
-from preprocessing.shard_format import load_npy
+from core.shard_format import load_npy
 
 KINDS = ("videos", "images")
 SMALL_MEMBERS = ("json", "motion.npy", "appearance.npy")

@@ -23,13 +23,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from core.config import ConfigError
+from core.shard_format import FORMAT_VERSION
 from pipeline.config import PrepConfig, output_config, prep_fingerprint, public_config
 from pipeline.manifest import Manifest, SeenSources, ShardPlanner
 from pipeline.shard import EncoderActor, ShardTask
 from pipeline.storage import KINDS, OutputStore, json_bytes
 from pipeline.summary import KindStats, Summary
-from preprocessing.config import ConfigError
-from preprocessing.shard_format import FORMAT_VERSION
 
 
 class JobError(RuntimeError):

@@ -26,12 +26,12 @@ import traceback
 from collections import deque
 from typing import Any
 
+from core.shard_format import SampleError, sample_key
 from pipeline.config import PrepConfig
 from pipeline.fetch import Fetcher
 from pipeline.manifest import ShardPlan
 from pipeline.storage import OutputStore
 from pipeline.writer import ShardWriter, iter_tar_samples, read_status
-from preprocessing.shard_format import SampleError, sample_key
 
 # Result of one row: ("ok", key, members) | ("failed", reason, detail)
 Result = tuple

@@ -20,8 +20,8 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from core.shard_format import FORMAT_VERSION, STATUS_COLUMNS, shard_name
 from pipeline.storage import OutputStore, json_bytes
-from preprocessing.shard_format import FORMAT_VERSION, STATUS_COLUMNS, shard_name
 
 STATUS_SCHEMA = pa.schema([(name, pa.string()) for name in STATUS_COLUMNS])
 Members = list[tuple[str, bytes]]

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.encoders import TextEncoder, load_vae
+from core.encoders import TextEncoder, load_vae
+from core.semantic import SemanticModel
+from core.shard_format import SampleError, SampleRecord
 from preprocessing.factors import appearance_factor, appearance_matrix, motion_factors
-from preprocessing.semantic import SemanticModel
 from preprocessing.settings import ModelsConfig
-from preprocessing.shard_format import SampleError, SampleRecord
 
 
 class Encoder:

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from preprocessing.geometry import cover_crop
+from core.geometry import cover_crop
+from core.shard_format import SampleError
 from preprocessing.settings import ImageConfig
-from preprocessing.shard_format import SampleError
 from preprocessing.transform import resize_cover
 
 

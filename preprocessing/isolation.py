@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from core.shard_format import SampleError
 from preprocessing import wire
 from preprocessing.settings import VideoConfig
-from preprocessing.shard_format import SampleError
 from preprocessing.transform import resize_cover
 
 _START_TIMEOUT_S = 120.0  # interpreter + decord import; not charged to any video

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from core.shard_format import SampleError, sample_key
 from preprocessing.encode import Encoder
 from preprocessing.image import allow_up_to, load_image
 from preprocessing.isolation import VideoDecoderProcess
 from preprocessing.settings import ImageConfig, VideoConfig
-from preprocessing.shard_format import SampleError, sample_key
 
 __all__ = ["Decoded", "Decoder", "Encoder", "clean_caption"]
 

@@ -1,7 +1,7 @@
 """Config sections of per-sample preprocessing (SPEC §2 defaults: 32 frames, 448×256, 8 fps).
 
 They are plain dataclasses so the pipeline's `PrepConfig` nests them and YAML/CLI overrides
-(`video.frames=8`, `models.vae=tiny`) reach them through `preprocessing.config.load_config`.
+(`video.frames=8`, `models.vae=tiny`) reach them through `core.config.load_config`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from preprocessing.config import check
+from core.config import check
 
 # Latents are [4, H/8, W/8]: sizes that are not multiples of 8 would be cropped by the VAE.
 LATENT_DOWNSAMPLE = 8

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from preprocessing.geometry import Crop
+from core.geometry import Crop
 
 
 def _resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:

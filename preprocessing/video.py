@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from core.geometry import TooShort, cover_crop, select_frames
 from preprocessing import wire
-from preprocessing.geometry import TooShort, cover_crop, select_frames
 
 # ffmpeg demuxers that read single still images: a JPEG named .mp4 is not a video.
 _IMAGE_FORMATS = ("image2", "_pipe", "gif", "apng", "webp")

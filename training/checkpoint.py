@@ -10,7 +10,6 @@ and RNG states: plain JSON, no pickles), `ema.safetensors` when EMA is on, and l
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import random
@@ -23,94 +22,21 @@ from typing import Any
 import numpy as np
 import torch
 
-COMPLETE = "complete.json"
+from core.checkpoints import (  # noqa: F401  (re-exported: training's public names)
+    COMPLETE,
+    ResumeError,
+    check_complete,
+    checkpoint_meta,
+    checkpoints_root,
+    find_latest_complete,
+    list_checkpoints,
+    rank_file,
+    resolve_resume,
+    tag_for,
+    write_atomic,
+)
+
 UNIVERSAL = "universal"  # sub-folder holding the Universal Checkpoint conversion
-
-
-class ResumeError(ValueError):
-    """`--resume PATH` names something that cannot be resumed from."""
-
-
-def checkpoints_root(output: str | Path) -> Path:
-    return Path(output) / "checkpoints"
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:07d}"
-
-
-def rank_file(ckpt: Path, rank: int) -> Path:
-    return ckpt / f"rank_{rank:05d}.json"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def check_complete(ckpt: Path) -> str | None:
-    """None when `ckpt` is a complete checkpoint, else why not."""
-    marker = ckpt / COMPLETE
-    if not marker.is_file():
-        return f"no {COMPLETE} (the save did not finish)"
-    try:
-        meta = json.loads(marker.read_text())
-        world = int(meta["world_size"])
-    except (ValueError, KeyError) as err:
-        return f"unreadable {COMPLETE}: {err}"
-    missing = [rank_file(ckpt, r).name for r in range(world) if not rank_file(ckpt, r).is_file()]
-    optim = glob.glob(str(ckpt / "*optim_states.pt"))
-    if len(optim) != world:
-        missing.append(f"optimizer states ({len(optim)} of {world} files)")
-    if not glob.glob(str(ckpt / "*model_states.pt")):
-        missing.append("model states")
-    if meta.get("ema") and not (ckpt / "ema.safetensors").is_file():
-        missing.append("ema.safetensors")
-    return f"missing {', '.join(missing)}" if missing else None
-
-
-def list_checkpoints(output: str | Path) -> list[tuple[int, Path]]:
-    out = []
-    for path in checkpoints_root(output).glob("step_*"):
-        suffix = path.name[len("step_") :]
-        if path.is_dir() and suffix.isdigit():
-            out.append((int(suffix), path))
-    return sorted(out)
-
-
-def find_latest_complete(output: str | Path, log=print) -> Path | None:
-    for _, path in reversed(list_checkpoints(output)):
-        why = check_complete(path)
-        if why is None:
-            return path
-        log(f"[checkpoint] ignoring incomplete {path}: {why}")
-    return None
-
-
-def resolve_resume(resume: str, output: str | Path, log=print) -> Path | None:
-    """`auto` -> newest complete checkpoint or None; `none` -> None; a path -> that checkpoint."""
-    if resume == "none":
-        return None
-    if resume == "auto":
-        return find_latest_complete(output, log)
-    path = Path(resume)
-    if path.name == "checkpoints" or (path / "checkpoints").is_dir():  # an output or checkpoints dir
-        found = find_latest_complete(path.parent if path.name == "checkpoints" else path, log)
-        if found is None:
-            raise ResumeError(f"--resume {resume}: no complete checkpoint under it")
-        return found
-    why = check_complete(path) if path.is_dir() else "not a directory"
-    if why is not None:
-        raise ResumeError(
-            f"--resume {resume}: not a complete checkpoint ({why}); use --resume auto or another one"
-        )
-    return path
-
-
-def checkpoint_meta(ckpt: Path) -> dict[str, Any]:
-    return json.loads((ckpt / COMPLETE).read_text())
-
 
 # --- RNG state as JSON -------------------------------------------------------------------
 

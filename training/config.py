@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.config import check
 from model.config import DiffusionConfig, UNetConfig
-from preprocessing.config import check
 
 GRAD_DECAY_MODES = ("video_ranks", "all", "none")
 PRECISIONS = ("auto", "bf16", "fp32")

@@ -26,7 +26,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from preprocessing.shard_format import FORMAT_VERSION, decode_members
+from core.shard_format import FORMAT_VERSION, decode_members
 from training.roles import IMAGE, RankRole
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
+from core.config import to_yaml
 from model.unet import middle_frame_prior
-from preprocessing.config import to_yaml
 from training import checkpoint as ckpt_lib
 from training import setup
 from training.config import TrainConfig
@@ -54,8 +54,8 @@ class Trainer:
     def setup(self) -> Trainer:
         import deepspeed
 
+        from core.encoders import TextEncoder
         from model.diffusion import Diffusion
-        from model.encoders import TextEncoder
         from model.params import param_groups
 
         cfg = self.cfg

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from preprocessing.config import ConfigError
+from core.config import ConfigError
 from training.config import RolesSection
 
 IMAGE, VIDEO = "image", "video"

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from preprocessing.config import ConfigError
+from core.config import ConfigError
 from training import checkpoint as ckpt_lib
 from training.config import TrainConfig
 from training.data import DataError, check_format, list_shards, read_shard
@@ -57,7 +57,7 @@ def plan_data(cfg: TrainConfig, root: str, world_size: int) -> DataPlan:
         shards[role] = list_shards(root, role, storage)
         check_format(shards[role][0], storage)
     if VIDEO in shards:
-        from preprocessing.shard_format import decode_members
+        from core.shard_format import decode_members
 
         first = decode_members(next(iter(read_shard(shards[VIDEO][0], storage))))
         frames = int(first["latents"].shape[0])
@@ -67,7 +67,7 @@ def plan_data(cfg: TrainConfig, root: str, world_size: int) -> DataPlan:
                 f"set unet.frames={frames} or re-run prep with video.frames={cfg.unet.frames}"
             )
     if IMAGE in shards:
-        from preprocessing.shard_format import decode_members
+        from core.shard_format import decode_members
 
         first = decode_members(next(iter(read_shard(shards[IMAGE][0], storage))))
         if first["latents"].ndim != 3:

@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from preprocessing.config import load_config
+    from core.config import load_config
     from training.config import TrainConfig
     from training.loop import Trainer
 

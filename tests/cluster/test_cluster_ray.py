@@ -16,9 +16,9 @@ import yaml
 from cluster_testlib import CLUSTER, IMAGE, REPO, load_docs
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from core.config import load_config
 from pipeline.config import PrepConfig
 from pipeline.prep import parse_args as prep_parse_args
-from preprocessing.config import load_config
 
 RAYJOB = CLUSTER / "ray" / "rayjob.yaml"
 CLUSTER_YAML = CLUSTER / "ray" / "cluster.yaml"

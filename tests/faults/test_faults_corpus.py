@@ -10,7 +10,7 @@ import json
 import pytest
 from faultlib import build_hostile_corpus, check_members, prep_cmd, run, status_rows, tar_members
 
-from preprocessing.shard_format import REASONS
+from core.shard_format import REASONS
 
 pytestmark = pytest.mark.slow
 

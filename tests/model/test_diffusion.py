@@ -6,9 +6,9 @@ import pytest
 import torch
 from model_testlib import inputs, tiny_unet
 
+from core.config import ConfigError
 from model.config import DiffusionConfig
 from model.diffusion import Diffusion
-from preprocessing.config import ConfigError
 
 
 def test_schedulers_are_configured_as_spec():

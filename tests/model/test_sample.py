@@ -169,7 +169,7 @@ def test_training_dir_uses_its_export_when_current(export_dir, tmp_path):
 # process, so no process group leaks into this one.
 MAKE_CHECKPOINT = """
 import sys, deepspeed, torch
-from preprocessing.config import load_config, to_yaml
+from core.config import load_config, to_yaml
 from training import checkpoint, setup
 from training.config import TrainConfig
 from training.optim import deepspeed_config, make_optimizer, make_scheduler

@@ -6,8 +6,8 @@ import pytest
 import torch
 from model_testlib import perturb, tiny_unet
 
+from core.encoders import decode_latents, load_vae
 from model.diffusion import Diffusion
-from model.encoders import decode_latents, load_vae
 from model.params import param_groups
 from model.sampling import appearance_matrix_from_factor, encode_image_prior, two_stage_sample
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from model_testlib import inputs, perturb, tiny_unet
 
+from core.config import ConfigError, from_dict
 from model.config import UNetConfig
 from model.params import param_groups
 from model.unet import HiGenUNet, middle_frame_prior
-from preprocessing.config import ConfigError, from_dict
 
 
 def guidance(batch: int, frames: int, seed: int = 1):

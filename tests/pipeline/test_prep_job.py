@@ -190,8 +190,8 @@ def test_duplicate_sources_fail_with_reason(synthetic, prep, tmp_path):
 
 
 def test_seen_sources_across_merges():
+    from core.shard_format import sample_key
     from pipeline.manifest import SeenSources
-    from preprocessing.shard_format import sample_key
 
     seen = SeenSources(merge_at=3)  # force several merges into the sorted arrays
     sources = [f"s3://b/{i % 7}.mp4" for i in range(30)]

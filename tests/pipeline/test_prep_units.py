@@ -11,12 +11,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from core.config import ConfigError, load_config
 from pipeline.config import PrepConfig, prep_fingerprint
 from pipeline.fetch import Fetcher
 from pipeline.manifest import Manifest, ManifestError, ShardPlanner
 from pipeline.storage import OutputStore
 from pipeline.writer import ShardWriter
-from preprocessing.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "prep" / "tiny.yaml")

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from core.shard_format import SampleRecord, sample_key
 from pipeline import report
 from pipeline.report_html import PLOTS
-from preprocessing.shard_format import SampleRecord, sample_key
 
 F = 8
 LATENT_SHAPE = (F, 4, 8, 16)

@@ -13,10 +13,10 @@ import numpy as np
 import psutil
 import pytest
 
-from preprocessing.geometry import cover_crop
+from core.geometry import cover_crop
+from core.shard_format import SampleError, sample_key
 from preprocessing.isolation import VideoDecoderProcess
 from preprocessing.process import Decoder, clean_caption
-from preprocessing.shard_format import SampleError, sample_key
 from preprocessing.transform import resize_cover
 
 

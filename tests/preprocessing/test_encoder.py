@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from core.shard_format import SampleError, SampleRecord
 from preprocessing.factors import appearance_matrix, motion_factors
 from preprocessing.process import Decoded, Encoder
 from preprocessing.settings import ModelsConfig
-from preprocessing.shard_format import SampleError, SampleRecord
 
 
 def clip(seed: int, frames: int = 8, h: int = 64, w: int = 128) -> Decoded:
@@ -120,7 +120,7 @@ def test_semantic_alternatives_and_local_checkpoint(tmp_path, tiny_models, encod
 def test_default_dinov2_loads_a_local_518px_checkpoint_at_224(tmp_path):
     import timm
 
-    from preprocessing.semantic import SemanticModel
+    from core.semantic import SemanticModel
 
     torch.manual_seed(0)
     # what a DINOv2 ViT-S/14 checkpoint looks like: trained at 518 px (37x37 position grid)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from preprocessing.geometry import TooShort, base_stride, cover_crop, select_frames
-from preprocessing.shard_format import sample_key
+from core.geometry import TooShort, base_stride, cover_crop, select_frames
+from core.shard_format import sample_key
 from preprocessing.transform import apply_crop
 
 KEYS = [sample_key(f"s3://bucket/video{i}.mp4") for i in range(25)]

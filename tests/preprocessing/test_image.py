@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.shard_format import SampleError
 from preprocessing.image import load_image
 from preprocessing.settings import ImageConfig
-from preprocessing.shard_format import SampleError
 
 CFG = ImageConfig(width=64, height=32)
 

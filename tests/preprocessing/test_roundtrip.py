@@ -9,8 +9,8 @@ import json
 import numpy as np
 import webdataset as wds
 
+from core.shard_format import FORMAT_VERSION, decode_members
 from preprocessing.process import Decoder
-from preprocessing.shard_format import FORMAT_VERSION, decode_members
 
 
 def test_tar_round_trip_with_stock_webdataset(tmp_path, synthetic, video_cfg, image_cfg, encoder):

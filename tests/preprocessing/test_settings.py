@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from preprocessing.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 from preprocessing.settings import ImageConfig, ModelsConfig, VideoConfig
 
 

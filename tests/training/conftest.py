@@ -70,8 +70,8 @@ def init_weights(tmp_path_factory) -> Path:
     but the last layer without gradient at step 0 and make gradient checks vacuous."""
     from safetensors.torch import save_file
 
+    from core.config import load_config
     from model.unet import HiGenUNet
-    from preprocessing.config import load_config
     from training.config import TrainConfig
 
     cfg = load_config(TrainConfig, TINY)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
 
-from preprocessing.config import load_config  # noqa: E402
+from core.config import load_config  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
 from training.loop import Trainer  # noqa: E402
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocessing.shard_format import SampleRecord, sample_key, shard_name
+from core.shard_format import SampleRecord, sample_key, shard_name
 
 FRAMES, H, W = 8, 8, 16  # tiny latents: F=8 at 128x64
 

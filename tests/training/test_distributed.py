@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import TINY, launch, tail
 
+from core.config import load_config
+from core.encoders import TextEncoder
 from model.diffusion import Diffusion
-from model.encoders import TextEncoder
 from model.params import param_groups
-from preprocessing.config import load_config
 from training import setup
 from training.config import TrainConfig
 

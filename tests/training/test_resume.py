@@ -17,9 +17,9 @@ import torch
 from conftest import REPO, env, launch, start, tail, train_args
 from safetensors.torch import load_file
 
+from core.config import from_dict
 from model.config import UNetConfig
 from model.unet import HiGenUNet
-from preprocessing.config import from_dict
 from training.export import export
 
 pytestmark = pytest.mark.slow

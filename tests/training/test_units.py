@@ -16,7 +16,7 @@ import torch
 from conftest import REPO, TINY, env
 from shards import make_dataset, record, write_shard
 
-from preprocessing.config import ConfigError, load_config
+from core.config import ConfigError, load_config
 from training import checkpoint as ckpt
 from training.config import RolesSection, TrainConfig
 from training.data import DataError, RoleLoader, check_format, list_shards

@@ -6,7 +6,7 @@ Specs (ModelsConfig.semantic):
   else from timm's pretrained source (hub; needs network or a warm cache).
 - `tiny` — the same timm architecture shrunk (56 px, width 64, depth 2), seeded random.
 - `open_clip:ARCH:TAG` — an OpenCLIP image tower (the released code's choice), via
-  `model.encoders.load_clip`; its own input size and normalisation.
+  `core.encoders.load_clip`; its own input size and normalisation.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from model.encoders import TINY_SEED, load_clip
+from core.encoders import TINY_SEED, load_clip
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
