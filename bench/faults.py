@@ -8,7 +8,7 @@ Reduced versions of tests/faults (same helpers, tiny config, a 2-CPU local Ray p
    lost = rows missing from the status tables or good rows not ok; unsafe tar members.
 2. driver SIGKILL after the first shard commit, then the same command again.
 3. SIGKILL of a Ray worker while it writes a shard (Ray retries the task).
-4. S3 through `pipeline.faults_proxy.FaultProxy` (every Nth request: 503 SlowDown, 500,
+4. S3 through `testing.faults_proxy.FaultProxy` (every Nth request: 503 SlowDown, 500,
    or forwarded then connection reset) in front of moto's server.
 For 2 and 3 "identical" compares tars byte for byte (and status rows) with an undisturbed run.
 """

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from testing.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -28,22 +28,11 @@ KEY_ID = "AKIDHIGENE2ETEST"
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
-def aws_env(tmp_path):
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    # moto keeps its buckets per process, across servers: start every test from empty
-    reset = "http://{}:{}/moto-api/reset".format(*server.get_host_and_port())
-    urllib.request.urlopen(urllib.request.Request(reset, method="POST"), timeout=10).close()
-    host, port = server.get_host_and_port()
+def aws_env(tmp_path, moto_s3):
+    host, port = moto_s3.host_port
     creds = tmp_path / "aws_credentials"
     creds.write_text(f"[default]\naws_access_key_id = {KEY_ID}\naws_secret_access_key = {SECRET}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
@@ -58,7 +47,6 @@ def aws_env(tmp_path):
     )
     env.pop("RAY_ADDRESS", None)
     yield env
-    server.stop()
 
 
 def _run(cmd: list[str], env: dict, log: list[str], timeout: int = 600) -> None:
@@ -111,7 +99,7 @@ def test_s3_preprocess_train_report(aws_env, tmp_path):
     assert len(statuses) == 10 and (statuses.status == "ok").all(), statuses[["source", "reason", "detail"]]
 
     run = tmp_path / "run"
-    _run([str(Path(PY).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+    _run([str(Path(PY).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
           "training/train.py", "--config", "configs/train/tiny.yaml", "--data", out, "--output", str(run),
           "--max-steps", "2", "--save-every", "2", "--resume", "none", "roles.image_ranks=1",
           "data.num_workers=1"], env, logs, timeout=900)

@@ -1,5 +1,5 @@
 """Flaky object storage (issue 8): the job writes its shards to S3 (moto's server) through
-`pipeline.faults_proxy.FaultProxy`, which answers every 5th request with 503 SlowDown, 500
+`testing.faults_proxy.FaultProxy`, which answers every 5th request with 503 SlowDown, 500
 InternalError, or forwards it and then resets the connection. The job must finish with every
 shard complete (tar + parquet + json), no row lost and no temp object left behind."""
 
@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import io
 import json
-import logging
-import urllib.request
 from contextlib import contextmanager
 
 import pandas as pd
 import pytest
 from faultlib import check_members, prep_cmd, run, tar_members
 
-from pipeline.faults_proxy import FaultProxy
+from testing.faults_proxy import FaultProxy
+from testing.s3 import MotoS3
 
 pytestmark = pytest.mark.slow
 
@@ -24,33 +23,16 @@ pytestmark = pytest.mark.slow
 def flaky_s3_run(root, every: int = 5):
     """Runs the job; yields (rc, s3fs filesystem straight to moto, injected fault Counter,
     proxied requests) while moto is still up, so the caller can inspect the bucket."""
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
     from preprocessing.synthetic import generate
 
     generate(root / "media", videos=2, images=3, bad=False, seconds=1.5)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    # moto keeps its buckets per process, across servers: start every test from empty
-    reset = "http://{}:{}/moto-api/reset".format(*server.get_host_and_port())
-    urllib.request.urlopen(urllib.request.Request(reset, method="POST"), timeout=10).close()
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto logs every request otherwise
-    host, port = server.get_host_and_port()
+    moto = MotoS3().start()
+    host, port = moto.host_port
     proxy = FaultProxy(f"http://{host}:{port}", every=every).start()
     try:
-        fs = s3fs.S3FileSystem(
-            key="testing",
-            secret="testing",
-            client_kwargs={"endpoint_url": f"http://{host}:{port}", "region_name": "eu-west-1"},
-        )
+        fs = moto.fs()
         fs.mkdir("shards")
-        storage = [
-            "storage.options.key=testing",
-            "storage.options.secret=testing",
-            f"storage.options.client_kwargs.endpoint_url={proxy.url}",
-            "storage.options.client_kwargs.region_name=eu-west-1",
-        ]
+        storage = moto.overrides(endpoint=proxy.url)
         cmd = prep_cmd(
             "s3://shards/run",
             str(root / "media" / "videos.parquet"),
@@ -64,7 +46,7 @@ def flaky_s3_run(root, every: int = 5):
         yield rc, fs, proxy.injected, proxy.requests
     finally:
         proxy.stop()
-        server.stop()
+        moto.stop()
 
 
 def check_bucket(fs, videos: int, images: int) -> dict:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-import urllib.request
 
 import numpy as np
 import pandas as pd
@@ -16,26 +15,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def s3():
-    """A moto S3 server; yields (s3fs filesystem, the storage options the job gets)."""
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    # moto keeps its buckets per process, across servers: start every test from empty
-    reset = "http://{}:{}/moto-api/reset".format(*server.get_host_and_port())
-    urllib.request.urlopen(urllib.request.Request(reset, method="POST"), timeout=10).close()
-    host, port = server.get_host_and_port()
-    options = {
-        "key": "testing",
-        "secret": "testing",
-        "client_kwargs": {"endpoint_url": f"http://{host}:{port}", "region_name": "eu-west-1"},
-    }
-    try:
-        yield s3fs.S3FileSystem(**options), options
-    finally:
-        server.stop()
+def s3(moto_s3):
+    """(s3fs filesystem, the storage options the job gets) of a fresh moto server."""
+    yield moto_s3.fs(), moto_s3.options()
 
 
 def storage_overrides(options: dict) -> list[str]:

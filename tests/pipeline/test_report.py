@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -155,33 +154,22 @@ def test_latents_payload_is_skipped(prep_out):
     assert f.bytes_read < len(data) - latents_bytes
 
 
-def test_report_from_s3(prep_out, tmp_path):
+def test_report_from_s3(prep_out, tmp_path, moto_s3):
     import fsspec
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(port=0, verbose=False)
-    server.start()
-    # moto keeps its buckets per process, across servers: start every test from empty
-    reset = "http://{}:{}/moto-api/reset".format(*server.get_host_and_port())
-    urllib.request.urlopen(urllib.request.Request(reset, method="POST"), timeout=10).close()
+    opts = moto_s3.options()
+    fs = fsspec.filesystem("s3", **opts)
+    fs.mkdir("bucket")
+    fs.put(str(prep_out[0]), "bucket/prep", recursive=True)
+    fsspec.config.conf["s3"] = opts
     try:
-        host, port = server.get_host_and_port()
-        opts = dict(key="test", secret="test", client_kwargs={"endpoint_url": f"http://{host}:{port}",
-                                                              "region_name": "eu-west-1"})
-        fs = fsspec.filesystem("s3", **opts)
-        fs.mkdir("bucket")
-        fs.put(str(prep_out[0]), "bucket/prep", recursive=True)
-        fsspec.config.conf["s3"] = opts
-        try:
-            index = report.write_report("s3://bucket/prep", str(tmp_path / "rep"), workers=2)
-        finally:
-            fsspec.config.conf.pop("s3", None)
-        summary = json.loads((tmp_path / "rep" / "summary.json").read_text())["kinds"]
-        assert index.endswith("index.html")
-        assert summary["videos"]["status"] == {"failed": 3, "ok": 6}
-        assert summary["videos"]["clips_with_factors"] == 6
+        index = report.write_report("s3://bucket/prep", str(tmp_path / "rep"), workers=2)
     finally:
-        server.stop()
+        fsspec.config.conf.pop("s3", None)
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())["kinds"]
+    assert index.endswith("index.html")
+    assert summary["videos"]["status"] == {"failed": 3, "ok": 6}
+    assert summary["videos"]["clips_with_factors"] == 6
 
 
 def test_bad_input(tmp_path, capsys):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, launch, tail
+from trainlib import TINY, launch, tail
 
 from core.config import load_config
 from core.encoders import TextEncoder

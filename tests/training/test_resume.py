@@ -14,8 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import REPO, env, launch, start, tail, train_args
 from safetensors.torch import load_file
+from trainlib import REPO, env, launch, start, tail, train_args
 
 from core.config import from_dict
 from model.config import UNetConfig

@@ -7,14 +7,13 @@ import random
 import shutil
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY, env
 from shards import make_dataset, record, write_shard
+from trainlib import REPO, TINY, env
 
 from core.config import ConfigError, load_config
 from training import checkpoint as ckpt
@@ -201,32 +200,19 @@ def test_rng_state_round_trips_through_json():
     ) == expect
 
 
-def test_s3_shards_stream_like_local_ones(tmp_path):
+def test_s3_shards_stream_like_local_ones(tmp_path, moto_s3):
     """fsspec/s3fs (moto's S3 server) in forked loader workers: same batches as the local copy."""
     import s3fs
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    # moto keeps its buckets per process, across servers: start every test from empty
-    reset = "http://{}:{}/moto-api/reset".format(*server.get_host_and_port())
-    urllib.request.urlopen(urllib.request.Request(reset, method="POST"), timeout=10).close()
-    host, port = server.get_host_and_port()
-    opts = {
-        "key": "testing",
-        "secret": "testing",
-        "client_kwargs": {"endpoint_url": f"http://{host}:{port}", "region_name": "eu-west-1"},
-    }
-    try:
-        local = make_dataset(tmp_path, video_shards=2, per_shard=3, kinds=("video",))
-        fs = s3fs.S3FileSystem(**opts)
-        fs.mkdir("bucket")
-        fs.put(str(local / "videos"), "bucket/data/videos", recursive=True)
-        role = assign_role(RolesSection(video_micro_batch=2), 0, 1)
-        urls = list_shards("s3://bucket/data", "video", opts)
-        assert urls == ["s3://bucket/data/videos/000000.tar", "s3://bucket/data/videos/000001.tar"]
-        remote = RoleLoader(urls, role, 8, seed=0, num_workers=2, storage=opts)
-        here = RoleLoader(list_shards(str(local), "video"), role, 8, seed=0, num_workers=2)
-        assert all(torch.equal(a, b) for a, b in zip(batches(remote, 4), batches(here, 4)))
-    finally:
-        server.stop()
+    opts = moto_s3.options()
+    local = make_dataset(tmp_path, video_shards=2, per_shard=3, kinds=("video",))
+    fs = s3fs.S3FileSystem(**opts)
+    fs.mkdir("bucket")
+    fs.put(str(local / "videos"), "bucket/data/videos", recursive=True)
+    role = assign_role(RolesSection(video_micro_batch=2), 0, 1)
+    urls = list_shards("s3://bucket/data", "video", opts)
+    assert urls == ["s3://bucket/data/videos/000000.tar", "s3://bucket/data/videos/000001.tar"]
+    remote = RoleLoader(urls, role, 8, seed=0, num_workers=2, storage=opts)
+    here = RoleLoader(list_shards(str(local), "video"), role, 8, seed=0, num_workers=2)
+    assert all(torch.equal(a, b) for a, b in zip(batches(remote, 4), batches(here, 4)))
+
