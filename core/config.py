@@ -21,13 +21,32 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A config value is wrong; the message names the field and what to do."""
+    """A config value is wrong; the message names the field and what to do.
+
+    `field` is the dotted path as the user writes it (`unet.head_dim`): a `check` inside a
+    nested section names only its own field, and `_build` prefixes the section path on the way
+    out, so the path always comes from the nesting, never from a hand-written string.
+    """
+
+    def __init__(self, message: str, field: str | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.field, self.reason = field, reason
+
+    def under(self, section: str) -> ConfigError:
+        """The same error seen from the enclosing section `section`."""
+        if self.field is None or not section:
+            return self
+        return field_error(f"{section}.{self.field}", self.reason or "")
+
+
+def field_error(field: str, msg: str) -> ConfigError:
+    return ConfigError(f"config field '{field}': {msg}", field=field, reason=msg)
 
 
 def check(cond: bool, field: str, msg: str) -> None:
-    """Raise ConfigError for `field` unless `cond` holds (used in `__post_init__`)."""
+    """Raise ConfigError for `field` (relative to the section being built) unless `cond` holds."""
     if not cond:
-        raise ConfigError(f"config field '{field}': {msg}")
+        raise field_error(field, msg)
 
 
 def _resolve_type(tp: Any) -> Any:
@@ -67,10 +86,13 @@ def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
             try:
                 kwargs[name] = float(value)
             except ValueError:
-                raise ConfigError(f"config field '{path}': expected a number, got {value!r}") from None
+                raise field_error(path, f"expected a number, got {value!r}") from None
         else:
             kwargs[name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise err.under(where) from None
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:

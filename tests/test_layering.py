@@ -58,3 +58,15 @@ def test_checker_sees_backward_imports(tmp_path, monkeypatch):
     (pkg / "bad.py").write_text("def f():\n    from training.checkpoint import save\n")
     monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
     assert violations("model") == ["model/bad.py:2 imports training"]
+
+
+def test_config_errors_name_the_dotted_path_from_the_nesting():
+    from core.config import ConfigError, load_config
+    from training.config import TrainConfig
+
+    for override, field in [("unet.head_dim=7", "unet.head_dim"), ("optim.lr=-1", "optim.lr"),
+                            ("data.num_workers=-2", "data.num_workers")]:
+        with pytest.raises(ConfigError) as err:
+            load_config(TrainConfig, None, [override])
+        assert err.value.field == field
+        assert f"'{field}'" in str(err.value)

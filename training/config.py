@@ -15,7 +15,7 @@ RESUME_WORDS = ("auto", "none")
 
 
 @dataclass
-class ModelSection:
+class ModelConfig:
     # Frozen text encoder for captions without `.text.npy` and for the empty caption of text
     # dropout. null: precomputed tokens only (then diffusion.text_dropout must be 0).
     text: str | None = "ViT-H-14:laion2b_s32b_b79k"
@@ -25,13 +25,13 @@ class ModelSection:
     def __post_init__(self) -> None:
         check(
             self.text is None or (isinstance(self.text, str) and self.text != ""),
-            "model.text",
+            "text",
             "must name an open_clip spec (`ViT-H-14:laion2b_s32b_b79k`), `tiny`, or be null",
         )
 
 
 @dataclass
-class RolesSection:
+class RolesConfig:
     # SPEC §5: a quarter of the ranks are image ranks, spread evenly (ratio 0.25 gives the
     # released code's `rank % 4 == 3`). `image_ranks` sets the count explicitly.
     image_ratio: float = 0.25
@@ -42,12 +42,12 @@ class RolesSection:
     def __post_init__(self) -> None:
         check(
             0.0 <= self.image_ratio <= 1.0,
-            "roles.image_ratio",
+            "image_ratio",
             f"must be in [0, 1], got {self.image_ratio!r}",
         )
         check(
             self.image_ranks is None or (isinstance(self.image_ranks, int) and self.image_ranks >= 0),
-            "roles.image_ranks",
+            "image_ranks",
             f"must be null or an integer >= 0, got {self.image_ranks!r}",
         )
         for name in ("image_micro_batch", "video_micro_batch"):
@@ -60,7 +60,7 @@ class RolesSection:
 
 
 @dataclass
-class DataSection:
+class DataConfig:
     num_workers: int = 2  # loader processes per rank
     prefetch_factor: int = 4  # batches each worker keeps ready
     seed: int = 0  # shard resampling and per-rank RNG seeds derive from this
@@ -69,14 +69,14 @@ class DataSection:
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers!r}")
+        check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers!r}")
         check(
-            self.prefetch_factor >= 1, "data.prefetch_factor", f"must be >= 1, got {self.prefetch_factor!r}"
+            self.prefetch_factor >= 1, "prefetch_factor", f"must be >= 1, got {self.prefetch_factor!r}"
         )
 
 
 @dataclass
-class OptimSection:
+class OptimConfig:
     lr: float = 5e-5
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -96,34 +96,34 @@ class OptimSection:
                 f"optim.{name}",
                 f"must be a number, got {value!r} (write exponents with a dot: 1.0e-8)",
             )
-        check(self.lr >= 0, "optim.lr", f"must be >= 0, got {self.lr!r}")
-        check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay!r}")
-        check(len(self.betas) == 2, "optim.betas", f"must be two numbers, got {self.betas!r}")
-        check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps!r}")
+        check(self.lr >= 0, "lr", f"must be >= 0, got {self.lr!r}")
+        check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay!r}")
+        check(len(self.betas) == 2, "betas", f"must be two numbers, got {self.betas!r}")
+        check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps!r}")
         check(
             self.grad_clip >= 0,
-            "optim.grad_clip",
+            "grad_clip",
             f"must be >= 0 (0 disables clipping), got {self.grad_clip!r}",
         )
         check(
             0.0 <= self.spatial_grad_decay <= 1.0,
-            "optim.spatial_grad_decay",
+            "spatial_grad_decay",
             f"must be in [0, 1], got {self.spatial_grad_decay!r}",
         )
         check(
             self.grad_decay_mode in GRAD_DECAY_MODES,
-            "optim.grad_decay_mode",
+            "grad_decay_mode",
             f"must be one of {', '.join(GRAD_DECAY_MODES)}, got {self.grad_decay_mode!r}",
         )
         check(
             self.ema_decay is None or 0.0 < self.ema_decay < 1.0,
-            "optim.ema_decay",
+            "ema_decay",
             f"must be null or in (0, 1), got {self.ema_decay!r}",
         )
 
 
 @dataclass
-class DeepSpeedSection:
+class DeepSpeedConfig:
     zero_stage: int = 2
     precision: str = "auto"  # auto = bf16 on CUDA devices that support it, else fp32
     gradient_accumulation_steps: int = 1
@@ -132,23 +132,23 @@ class DeepSpeedSection:
     def __post_init__(self) -> None:
         check(
             self.zero_stage in (1, 2, 3),
-            "deepspeed.zero_stage",
+            "zero_stage",
             f"must be 1, 2 or 3, got {self.zero_stage!r}",
         )
         check(
             self.precision in PRECISIONS,
-            "deepspeed.precision",
+            "precision",
             f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
         )
         check(
             self.gradient_accumulation_steps >= 1,
-            "deepspeed.gradient_accumulation_steps",
+            "gradient_accumulation_steps",
             f"must be >= 1, got {self.gradient_accumulation_steps!r}",
         )
 
 
 @dataclass
-class TrainSection:
+class TrainLoopConfig:
     max_steps: int = 100_000
     save_every: int = 1000
     keep: int = 3  # newest K complete checkpoints are kept
@@ -157,25 +157,25 @@ class TrainSection:
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
-        check(self.max_steps >= 0, "train.max_steps", f"must be >= 0, got {self.max_steps!r}")
-        check(self.save_every >= 1, "train.save_every", f"must be >= 1, got {self.save_every!r}")
-        check(self.keep >= 1, "train.keep", f"must be >= 1, got {self.keep!r}")
+        check(self.max_steps >= 0, "max_steps", f"must be >= 0, got {self.max_steps!r}")
+        check(self.save_every >= 1, "save_every", f"must be >= 1, got {self.save_every!r}")
+        check(self.keep >= 1, "keep", f"must be >= 1, got {self.keep!r}")
         check(
-            isinstance(self.resume, str) and self.resume != "", "train.resume", "must be auto, none or a path"
+            isinstance(self.resume, str) and self.resume != "", "resume", "must be auto, none or a path"
         )
-        check(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every!r}")
+        check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every!r}")
 
 
 @dataclass
 class TrainConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)  # SPEC §3 (text dropout: diffusion.text_dropout)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    model: ModelSection = field(default_factory=ModelSection)
-    roles: RolesSection = field(default_factory=RolesSection)
-    data: DataSection = field(default_factory=DataSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
-    train: TrainSection = field(default_factory=TrainSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    roles: RolesConfig = field(default_factory=RolesConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
 
     def __post_init__(self) -> None:
         check(

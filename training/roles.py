@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from core.config import ConfigError
-from training.config import RolesSection
+from training.config import RolesConfig
 
 IMAGE, VIDEO = "image", "video"
 
@@ -23,7 +23,7 @@ class RankRole:
         return self.role == IMAGE
 
 
-def num_image_ranks(cfg: RolesSection, world_size: int) -> int:
+def num_image_ranks(cfg: RolesConfig, world_size: int) -> int:
     count = (
         cfg.image_ranks if cfg.image_ranks is not None else math.floor(world_size * cfg.image_ratio + 1e-9)
     )
@@ -35,7 +35,7 @@ def num_image_ranks(cfg: RolesSection, world_size: int) -> int:
     return count
 
 
-def image_rank_ids(cfg: RolesSection, world_size: int) -> list[int]:
+def image_rank_ids(cfg: RolesConfig, world_size: int) -> list[int]:
     """Image ranks spread evenly: rank r is one when floor((r+1)k/W) > floor(rk/W).
 
     With k = W/4 this is exactly the released code's `rank % 4 == 3`.
@@ -44,7 +44,7 @@ def image_rank_ids(cfg: RolesSection, world_size: int) -> list[int]:
     return [r for r in range(world_size) if (r + 1) * k // world_size > r * k // world_size]
 
 
-def assign_role(cfg: RolesSection, rank: int, world_size: int) -> RankRole:
+def assign_role(cfg: RolesConfig, rank: int, world_size: int) -> RankRole:
     images = image_rank_ids(cfg, world_size)
     if rank in images:
         return RankRole(IMAGE, images.index(rank), len(images), cfg.image_micro_batch)
@@ -52,6 +52,6 @@ def assign_role(cfg: RolesSection, rank: int, world_size: int) -> RankRole:
     return RankRole(VIDEO, videos.index(rank), len(videos), cfg.video_micro_batch)
 
 
-def roles_needed(cfg: RolesSection, world_size: int) -> set[str]:
+def roles_needed(cfg: RolesConfig, world_size: int) -> set[str]:
     k = num_image_ranks(cfg, world_size)
     return ({IMAGE} if k > 0 else set()) | ({VIDEO} if k < world_size else set())

@@ -17,27 +17,27 @@ from trainlib import REPO, TINY, env
 
 from core.config import ConfigError, load_config
 from training import checkpoint as ckpt
-from training.config import RolesSection, TrainConfig
+from training.config import RolesConfig, TrainConfig
 from training.data import DataError, RoleLoader, check_format, list_shards
 from training.roles import assign_role, image_rank_ids, roles_needed
 from training.setup import plan_data
 
 
 def test_roles_default_is_released_code_rank_mod_4():
-    cfg = RolesSection()
+    cfg = RolesConfig()
     for world in (4, 8, 16):
         assert image_rank_ids(cfg, world) == [r for r in range(world) if r % 4 == 3]
-    assert image_rank_ids(RolesSection(image_ranks=1), 2) == [1]
-    role = assign_role(RolesSection(image_micro_batch=5, video_micro_batch=2), 7, 8)
+    assert image_rank_ids(RolesConfig(image_ranks=1), 2) == [1]
+    role = assign_role(RolesConfig(image_micro_batch=5, video_micro_batch=2), 7, 8)
     assert (role.role, role.role_rank, role.role_size, role.micro_batch) == ("image", 1, 2, 5)
-    role = assign_role(RolesSection(), 4, 8)
+    role = assign_role(RolesConfig(), 4, 8)
     assert (role.role, role.role_rank, role.role_size, role.micro_batch) == ("video", 3, 6, 3)
-    assert roles_needed(RolesSection(), 1) == {"video"}
+    assert roles_needed(RolesConfig(), 1) == {"video"}
 
 
 def test_more_image_ranks_than_ranks_is_a_config_error():
     with pytest.raises(ConfigError, match="roles.image_ranks"):
-        assign_role(RolesSection(image_ranks=5), 0, 4)
+        assign_role(RolesConfig(image_ranks=5), 0, 4)
 
 
 def test_config_errors_name_the_field():
@@ -57,7 +57,7 @@ def batches(loader: RoleLoader, n: int) -> list[torch.Tensor]:
 def test_loader_resumes_exactly_and_splits_by_rank(tmp_path, workers):
     data = make_dataset(tmp_path, video_shards=3, per_shard=5)
     urls = list_shards(str(data), "video")
-    role = assign_role(RolesSection(video_micro_batch=2), 0, 4)
+    role = assign_role(RolesConfig(video_micro_batch=2), 0, 4)
     first = RoleLoader(urls, role, 8, seed=3, num_workers=workers)
     head = batches(first, 5)  # crosses shard boundaries (5 samples per shard, 2 per batch)
     state = json.loads(json.dumps(first.state_dict()))  # survives a JSON round trip
@@ -68,18 +68,18 @@ def test_loader_resumes_exactly_and_splits_by_rank(tmp_path, workers):
     resumed.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(tail, batches(resumed, 6)))
     other = RoleLoader(
-        urls, assign_role(RolesSection(video_micro_batch=2), 1, 4), 8, seed=3, num_workers=workers
+        urls, assign_role(RolesConfig(video_micro_batch=2), 1, 4), 8, seed=3, num_workers=workers
     )
     assert not all(torch.equal(a, b) for a, b in zip(head, batches(other, 5)))  # another rank, other data
 
 
 def test_video_batch_carries_prior_motion_appearance(tmp_path):
     urls = list_shards(str(make_dataset(tmp_path, per_shard=4)), "video")
-    batch = next(RoleLoader(urls, assign_role(RolesSection(video_micro_batch=3), 0, 1), 8, 0, 0))
+    batch = next(RoleLoader(urls, assign_role(RolesConfig(video_micro_batch=3), 0, 1), 8, 0, 0))
     assert batch["latents"].shape == (3, 4, 8, 8, 16)
     assert batch["motion"].shape == (3, 7) and batch["appearance"].shape == (3, 8, 8)
     assert batch["has_text"].tolist() == [True, False, True]  # text tokens on every 2nd sample
-    image = next(RoleLoader(list_shards(str(tmp_path), "image"), assign_role(RolesSection(), 3, 4), 8, 0, 0))
+    image = next(RoleLoader(list_shards(str(tmp_path), "image"), assign_role(RolesConfig(), 3, 4), 8, 0, 0))
     assert image["latents"].shape == (64, 4, 1, 8, 16)  # 12 images resampled into a batch of 64
 
 
@@ -90,7 +90,7 @@ def test_corrupt_shard_is_skipped_and_counted(tmp_path):
     (data / "videos" / "000002.tar").write_bytes(b"not a tar at all")
     (data / "videos" / "000002.json").write_text("{}")
     urls = list_shards(str(data), "video")
-    loader = RoleLoader(urls, assign_role(RolesSection(video_micro_batch=2), 0, 1), 8, seed=1, num_workers=0)
+    loader = RoleLoader(urls, assign_role(RolesConfig(video_micro_batch=2), 0, 1), 8, seed=1, num_workers=0)
     got = batches(loader, 12)
     assert len(got) == 12
     assert loader.bad["bad_shard"] > 0
@@ -105,7 +105,7 @@ def test_bad_sample_counted_with_reason(tmp_path):
     write_shard(folder / "000000.tar", samples)
     loader = RoleLoader(
         list_shards(str(tmp_path), "video"),
-        assign_role(RolesSection(video_micro_batch=3), 0, 1),
+        assign_role(RolesConfig(video_micro_batch=3), 0, 1),
         8,
         seed=0,
         num_workers=0,
@@ -209,7 +209,7 @@ def test_s3_shards_stream_like_local_ones(tmp_path, moto_s3):
     fs = s3fs.S3FileSystem(**opts)
     fs.mkdir("bucket")
     fs.put(str(local / "videos"), "bucket/data/videos", recursive=True)
-    role = assign_role(RolesSection(video_micro_batch=2), 0, 1)
+    role = assign_role(RolesConfig(video_micro_batch=2), 0, 1)
     urls = list_shards("s3://bucket/data", "video", opts)
     assert urls == ["s3://bucket/data/videos/000000.tar", "s3://bucket/data/videos/000001.tar"]
     remote = RoleLoader(urls, role, 8, seed=0, num_workers=2, storage=opts)
