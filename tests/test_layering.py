@@ -76,8 +76,9 @@ def test_prep_config_errors_name_the_dotted_path():
     from core.config import ConfigError, load_config
     from pipeline.config import PrepConfig
 
-    for override, field in [("video.frames=0", "video.frames"), ("execution.workers=-1", "execution.workers"),
-                            ("http.retries=-1", "http.retries"), ("models.batch_size=0", "models.batch_size")]:
+    cases = [("video.frames=0", "video.frames"), ("execution.workers=-1", "execution.workers"),
+             ("http.retries=-1", "http.retries"), ("models.batch_size=0", "models.batch_size")]
+    for override, field in cases:
         with pytest.raises(ConfigError) as err:
             load_config(PrepConfig, None, [override])
         assert err.value.field == field, str(err.value)
