@@ -65,6 +65,8 @@ class ExecutionConfig:
     batches_in_flight: int = 2  # encode batches a shard task keeps queued at the actors
     local_cpus: int = 0  # CPUs of the local cluster started without RAY_ADDRESS; 0 = all
     progress: bool = True  # tqdm bar of shards and samples/s on stderr
+    # A second job on the same output refuses unless the holder's heartbeat is older than this.
+    lease_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         check(
@@ -96,6 +98,11 @@ class ExecutionConfig:
             isinstance(self.batches_in_flight, int) and self.batches_in_flight >= 1,
             "batches_in_flight",
             f"must be an integer >= 1, got {self.batches_in_flight!r}",
+        )
+        check(
+            isinstance(self.lease_timeout_s, (int, float)) and self.lease_timeout_s > 0,
+            "lease_timeout_s",
+            f"must be a number of seconds > 0, got {self.lease_timeout_s!r}",
         )
         check(
             isinstance(self.local_cpus, int) and self.local_cpus >= 0,

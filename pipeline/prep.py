@@ -16,6 +16,7 @@ import sys
 
 from core.config import ConfigError, load_config
 from pipeline.config import PrepConfig
+from pipeline.lease import LeaseError
 from pipeline.manifest import ManifestError
 from pipeline.runner import JobArgs, JobError, PrepJob
 from pipeline.storage import OutputError
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             retry_failed=args.retry_failed,
         )
         summary = PrepJob(cfg, job).run()
-    except (ConfigError, ManifestError, OutputError, JobError) as exc:
+    except (ConfigError, ManifestError, OutputError, JobError, LeaseError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(summary.table())

@@ -26,6 +26,7 @@ from typing import Any
 from core.config import ConfigError
 from core.shard_format import FORMAT_VERSION
 from pipeline.config import PrepConfig, output_config, prep_fingerprint, public_config
+from pipeline.lease import Lease
 from pipeline.manifest import Manifest, SeenSources, ShardPlanner
 from pipeline.shard import EncoderActor, ShardTask
 from pipeline.storage import KINDS, OutputStore, json_bytes
@@ -54,7 +55,7 @@ class Preflight:
     def __init__(self, cfg: PrepConfig, args: JobArgs):
         self.cfg, self.args = cfg, args
 
-    def run(self) -> tuple[dict[str, Manifest], OutputStore, str]:
+    def run(self) -> tuple[dict[str, Manifest], OutputStore, str, Lease]:
         if not self.args.videos and not self.args.images:
             raise JobError("nothing to do: pass --videos MANIFEST and/or --images MANIFEST")
         opts = self.cfg.storage.options
@@ -63,8 +64,20 @@ class Preflight:
             for kind, url in self.args.manifests().items()
             if url
         }
-        store = OutputStore(self.args.out, opts)
+        lease = Lease(OutputStore(self.args.out, opts), self.cfg.execution.lease_timeout_s)
+        store = OutputStore(self.args.out, opts, run_id=lease.run_id)
         store.check_writable()
+        lease.acquire()  # before --overwrite deletes anything: a running job's shards are not ours
+        try:
+            fingerprint = self._claim(store)
+        except BaseException:
+            lease.release()
+            raise
+        if lease.taken_over:  # the dead run's temporary files can go now
+            store.clean_tmp(str(lease.taken_over.get("run_id") or "run"))
+        return manifests, store, fingerprint, lease
+
+    def _claim(self, store: OutputStore) -> str:
         fingerprint = prep_fingerprint(self.cfg)
         if self.args.overwrite:
             for kind in KINDS:
@@ -72,7 +85,7 @@ class Preflight:
             store.remove([p for p in [store.path("dataset.json")] if store.fs.exists(p)])
         else:
             self._check_existing(store, fingerprint)
-        return manifests, store, fingerprint
+        return fingerprint
 
     def _check_existing(self, store: OutputStore, fingerprint: str) -> None:
         old = store.read_json(store.path("dataset.json"))
@@ -161,9 +174,10 @@ def _run_shard(task: ShardTask, plan, retry: bool, offset: int) -> dict[str, Any
 class Dispatch:
     """Stream one manifest into shard tasks, `workers` in flight; skip committed shards."""
 
-    def __init__(self, cfg: PrepConfig, store: OutputStore, task_ref: Any, workers: int, retry_failed: bool):
+    def __init__(self, cfg: PrepConfig, store: OutputStore, task_ref: Any, workers: int, retry_failed: bool,
+                 lease: Lease | None = None):
         self.cfg, self.store, self.task_ref = cfg, store, task_ref
-        self.workers, self.retry_failed = workers, retry_failed
+        self.workers, self.retry_failed, self.lease = workers, retry_failed, lease
 
     def run(self, manifest: Manifest, stats: KindStats) -> None:
         import ray
@@ -209,6 +223,8 @@ class Dispatch:
                 bar.update(1)
                 continue
             settle(self.workers - 1)
+            if self.lease is not None:
+                self.lease.check()
             pending[remote.remote(self.task_ref, plan, retry, plan.index)] = plan.index
         settle(0)
         bar.close()
@@ -287,18 +303,21 @@ class PrepJob:
     def run(self) -> Summary:
         import ray
 
-        manifests, store, fingerprint = Preflight(self.cfg, self.args).run()
-        finalize = Finalize(self.cfg, store, self.args, fingerprint)
-        finalize.write_dataset_json(None, None, complete=False)  # claims OUT for this fingerprint
+        manifests, store, fingerprint, lease = Preflight(self.cfg, self.args).run()
         cluster = Cluster(self.cfg)
-        workers, actors = cluster.run()
-        summary = Summary(out=self.args.out, workers=workers, encoders=len(actors))
+        actors: list = []
         try:
-            task_ref = ray.put(ShardTask(self.cfg, self.args.out, fingerprint, actors, cluster.model_ids))
-            dispatch = Dispatch(self.cfg, store, task_ref, workers, self.args.retry_failed)
+            finalize = Finalize(self.cfg, store, self.args, fingerprint)
+            finalize.write_dataset_json(None, None, complete=False)  # claims OUT for this fingerprint
+            workers, actors = cluster.run()
+            summary = Summary(out=self.args.out, workers=workers, encoders=len(actors))
+            task = ShardTask(self.cfg, self.args.out, fingerprint, actors, cluster.model_ids,
+                             run_id=lease.run_id)
+            dispatch = Dispatch(self.cfg, store, ray.put(task), workers, self.args.retry_failed, lease)
             for kind, manifest in manifests.items():
                 dispatch.run(manifest, summary.kind(kind))
             finalize.run(summary)
         finally:
             cluster.shutdown(actors)
+            lease.release()
         return summary
