@@ -66,7 +66,7 @@ class ExecutionConfig:
     local_cpus: int = 0  # CPUs of the local cluster started without RAY_ADDRESS; 0 = all
     progress: bool = True  # tqdm bar of shards and samples/s on stderr
     # A second job on the same output refuses unless the holder's heartbeat is older than this.
-    lease_timeout_s: float = 300.0
+    lease_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         check(

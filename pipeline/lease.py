@@ -3,7 +3,8 @@
 Two prep jobs on one output would delete each other's temporary files and race on commits.
 The first job creates the lease with an exclusive create (`O_EXCL` locally, a conditional PUT
 `If-None-Match: *` on S3); a second job refuses with a message naming the holder, unless the
-holder's heartbeat is older than `execution.lease_timeout_s` (it died without releasing).
+holder's heartbeat is older than `execution.lease_timeout_s`, or it ran on this host and its
+process is gone (it died without releasing).
 
 Guarantee: exclusive on local and network filesystems with `O_EXCL`, and on object stores that
 honour conditional PUTs (AWS S3 since 2024, MinIO, GCS through its own API). A store that
@@ -71,8 +72,17 @@ class Lease:
                 return False
             raise
 
+    def _dead_here(self, holder: dict[str, Any]) -> bool:
+        """The holder ran on this host and its process is gone: stale now, not after the timeout
+        (a SIGKILLed driver rerun on the same head node must not wait)."""
+        import psutil
+
+        here = holder.get("host") == socket.gethostname()
+        return here and not psutil.pid_exists(int(holder.get("pid") or 0))
+
     def acquire(self) -> Lease:
-        self.store.makedirs()
+        if self.store.is_local:
+            os.makedirs(self.store.root, exist_ok=True)
         for _ in range(2):  # second try after removing a stale lease
             if self._create():
                 break
@@ -80,7 +90,7 @@ class Lease:
             if holder is None:
                 continue  # released between our create and read
             age = time.time() - float(holder.get("heartbeat", 0))
-            if age < self.timeout_s:
+            if age < self.timeout_s and not self._dead_here(holder):
                 raise LeaseError(
                     f"{self.store.url} is in use by run {holder.get('run_id')} on host "
                     f"{holder.get('host')} (pid {holder.get('pid')}, last heartbeat {age:.0f} s ago). "

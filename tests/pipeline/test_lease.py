@@ -4,6 +4,7 @@ is taken over, temporary files carry the run id, and S3 uses a conditional PUT."
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pandas as pd
@@ -99,3 +100,24 @@ def test_prep_refuses_a_held_output_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert holder.run_id in err and "execution.lease_timeout_s" in err
     assert not (out / "videos").exists() or not any((out / "videos").iterdir())
+
+
+def test_a_dead_holder_on_this_host_is_stale_at_once(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    fresh = {"run_id": "killed-driver", "host": socket.gethostname(), "pid": gone.pid,
+             "heartbeat": time.time()}
+    (tmp_path / LEASE_FILE).write_text(json.dumps(fresh))
+    lease = Lease(OutputStore(str(tmp_path)), timeout_s=600).acquire()
+    try:
+        assert lease.taken_over["run_id"] == "killed-driver"
+    finally:
+        lease.release()
+    alive = dict(fresh, pid=os.getpid())  # a live process on this host keeps its lease
+    (tmp_path / LEASE_FILE).write_text(json.dumps(alive))
+    with pytest.raises(LeaseError, match="killed-driver"):
+        Lease(OutputStore(str(tmp_path)), timeout_s=600).acquire()
