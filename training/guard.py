@@ -43,6 +43,7 @@ class NonFiniteGuard:
         nonfinite, not_applied = reduced["nonfinite_ranks"], reduced["not_applied_ranks"]
         if not nonfinite and not not_applied:
             self.in_row = 0
+            self.recent.clear()
             return False
         if not_applied != self.world:
             raise RuntimeError(
@@ -66,6 +67,10 @@ class NonFiniteGuard:
             f"[train] step {step}: optimiser step skipped on every rank ({what}); "
             f"{self.in_row} in a row, {self.total} in this run"
         )
+        return True
+
+    def check(self) -> None:
+        """Called after the step's metrics are logged: stop once too many were skipped in a row."""
         if self.in_row >= self.max_in_row:
             raise NonFiniteLossError(
                 f"{self.in_row} optimiser steps in a row skipped for a non-finite loss or gradient norm "
@@ -77,4 +82,3 @@ class NonFiniteGuard:
                 )
                 + "\nCheck those shards (bad latents?) or lower optim.lr, then relaunch with --resume auto"
             )
-        return True

@@ -241,6 +241,7 @@ class Trainer:
             "loss_video": red["loss_video"],
             "lr": lr,
             "grad_norm": float(norm) if norm is not None else float("nan"),
+            "samples": int(total),
             "samples_per_s": total / red["step_time"],
             "samples_per_s_image": red["samples_image"] / red["step_time"],
             "samples_per_s_video": red["samples_video"] / red["step_time"],
@@ -271,6 +272,7 @@ class Trainer:
                 record = self.train_step()
                 stop = record.pop("stop")
                 self.metrics.log(record)
+                self.guard.check()  # no checkpoint then: resuming would meet the same batches
                 if self.step % cfg.train.save_every == 0 or stop or self.step == max_steps:
                     self.save()
                     saved_at = self.step
