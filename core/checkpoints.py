@@ -3,7 +3,11 @@
 Training writes checkpoints; sampling and export find them. Both import this module, so the
 model package never imports training. Layout (docs/training.md): `OUTPUT/checkpoints/
 step_XXXXXXX/` with DeepSpeed's files, one `rank_NNNNN.json` per rank and, written last,
-`complete.json`.
+`complete.json`, which records the size of every file of the save (verified on load).
+
+DeepSpeed's loaders unpickle (`torch.load(weights_only=False)`), so a DeepSpeed checkpoint is
+code: one from outside the run's own output is loaded only when the user says it is trusted.
+Safetensors exports hold tensors only and load from anywhere.
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ from typing import Any
 COMPLETE = "complete.json"
 
 
-
 class ResumeError(ValueError):
     """`--resume PATH` names something that cannot be resumed from."""
+
+
+class UntrustedCheckpointError(ResumeError):
+    """A DeepSpeed checkpoint from outside the run's own output, not marked as trusted."""
 
 
 def checkpoints_root(output: str | Path) -> Path:
@@ -34,10 +41,31 @@ def rank_file(ckpt: Path, rank: int) -> Path:
     return ckpt / f"rank_{rank:05d}.json"
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file (or a directory's entries) to the device: a checkpoint must survive a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: Path, data: str | bytes) -> int:
+    """Write, fsync; returns the size in bytes."""
+    raw = data.encode() if isinstance(data, str) else data
+    with open(path, "wb") as f:
+        f.write(raw)
+        f.flush()
+        os.fsync(f.fileno())
+    return len(raw)
+
+
 def write_atomic(path: Path, text: str) -> None:
+    """Readers see the old or the new content, never a torn file, also after a power cut."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    write_durable(tmp, text)
     os.replace(tmp, path)
+    fsync_path(path.parent)
 
 
 def check_complete(ckpt: Path) -> str | None:
@@ -58,7 +86,17 @@ def check_complete(ckpt: Path) -> str | None:
         missing.append("model states")
     if meta.get("ema") and not (ckpt / "ema.safetensors").is_file():
         missing.append("ema.safetensors")
-    return f"missing {', '.join(missing)}" if missing else None
+    if missing:
+        return f"missing {', '.join(missing)}"
+    # Sizes recorded at save time (older checkpoints have none): a truncated file is not complete.
+    for name, size in sorted(meta.get("files", {}).items()):
+        path = ckpt / name
+        if not path.is_file():
+            return f"missing {name}"
+        if path.stat().st_size != int(size):
+            got = path.stat().st_size
+            return f"{name} has {got} bytes, {COMPLETE} recorded {size} (truncated or replaced)"
+    return None
 
 
 def list_checkpoints(output: str | Path) -> list[tuple[int, Path]]:
@@ -97,6 +135,23 @@ def resolve_resume(resume: str, output: str | Path, log=print) -> Path | None:
             f"--resume {resume}: not a complete checkpoint ({why}); use --resume auto or another one"
         )
     return path
+
+
+def check_trusted(
+    path: str | Path, output: str | Path | None, trust: bool, flag: str = "--trust-checkpoint"
+) -> None:
+    """Refuse a DeepSpeed checkpoint outside `output` (the run's own directory) unless trusted."""
+    if trust:
+        return
+    resolved = Path(path).resolve()
+    if output is not None and resolved.is_relative_to(Path(output).resolve()):
+        return
+    raise UntrustedCheckpointError(
+        f"{path} is a DeepSpeed checkpoint from outside this run's output {output}: DeepSpeed loads it "
+        f"with pickle, which can run arbitrary code. If you trust where it came from, pass {flag}; "
+        f"otherwise start from its safetensors export (model.init=EXPORT/unet.safetensors), which "
+        f"holds tensors only and loads from anywhere"
+    )
 
 
 def checkpoint_meta(ckpt: Path) -> dict[str, Any]:

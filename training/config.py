@@ -155,6 +155,11 @@ class TrainLoopConfig:
     resume: str = "auto"  # auto | none | a checkpoint directory
     log_every: int = 10  # console progress line; metrics.jsonl gets every step
     tensorboard: bool = True
+    # Optimiser steps skipped in a row (non-finite loss or gradient norm on some rank) before
+    # the job stops, naming the shards of the last batches.
+    max_skipped_steps: int = 10
+    # `--resume PATH` outside --output loads pickles (DeepSpeed's format): only when set.
+    trust_checkpoint: bool = False
 
     def __post_init__(self) -> None:
         check(self.max_steps >= 0, "max_steps", f"must be >= 0, got {self.max_steps!r}")
@@ -164,6 +169,11 @@ class TrainLoopConfig:
             isinstance(self.resume, str) and self.resume != "", "resume", "must be auto, none or a path"
         )
         check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every!r}")
+        check(
+            isinstance(self.max_skipped_steps, int) and self.max_skipped_steps >= 1,
+            "max_skipped_steps",
+            f"must be an integer >= 1, got {self.max_skipped_steps!r}",
+        )
 
 
 @dataclass

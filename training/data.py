@@ -146,7 +146,7 @@ class _Streams(IterableDataset):
         worker = ((info.id if info else 0) + self.rotation) % self.num_workers
         stream = self.role.role_rank * self.num_workers + worker
         pos = StreamPos(**vars(self.positions[worker]))
-        examples, bad, bad_draws = [], Counter(), 0
+        examples, sources, bad, bad_draws = [], [], Counter(), 0
         while True:
             url, good = self.shard_for(stream, pos), False
             try:
@@ -156,6 +156,7 @@ class _Streams(IterableDataset):
                     pos.offset = i + 1
                     try:
                         examples.append(to_example(decode_members(raw), self.role.role, self.frames))
+                        sources.append(url)  # named when the loss of this batch is not finite
                         good = True
                     except ValueError as err:
                         reason = str(err) if str(err).isidentifier() else "decode_error"
@@ -167,8 +168,9 @@ class _Streams(IterableDataset):
                             "worker": worker,
                             "pos": vars(pos).copy(),
                             "bad": dict(bad),
+                            "shards": sources,
                         }
-                        examples, bad = [], Counter()
+                        examples, sources, bad = [], [], Counter()
             except Exception as err:  # unreadable or corrupt shard: skip it, count it, go on
                 log.warning("skipping unreadable shard %s: %s", url, err)
                 bad["bad_shard"] += 1

@@ -7,19 +7,23 @@ layers run behind a zero gate. So all ranks run the same autograd graph, which Z
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from core.config import to_yaml
+from core.config import to_dict
+from core.redact import redact_secrets
 from model.unet import middle_frame_prior
 from training import checkpoint as ckpt_lib
 from training import setup
 from training.config import TrainConfig
 from training.data import RoleLoader
+from training.guard import NonFiniteGuard
 from training.metrics import MetricsLog, count_train_flops, peak_flops, reduce_step
 from training.optim import (
     EMA,
@@ -36,6 +40,13 @@ PREEMPTED_EXIT = 143  # 128 + SIGTERM: the job stopped early but left a complete
 
 def rank_seed(seed: int, rank: int, step: int = 0) -> int:
     return (seed * 1_000_003 + rank * 7919 + step) % (2**63)
+
+
+def public_yaml(cfg: TrainConfig) -> str:
+    """The resolved config as written to disk: storage secrets redacted (core/redact.py)."""
+    data = to_dict(cfg)
+    data["data"]["storage_options"] = redact_secrets(data["data"]["storage_options"])
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 class Trainer:
@@ -67,7 +78,7 @@ class Trainer:
         self.log(f"[train] world {self.world}, rank roles {roles} (i=image, v=video), shards {shards}")
         if self.rank == 0:
             Path(self.output).mkdir(parents=True, exist_ok=True)
-            (Path(self.output) / "config.yaml").write_text(to_yaml(cfg))
+            (Path(self.output) / "config.yaml").write_text(public_yaml(cfg))
 
         self.text_encoder = self.null_context = None
         if cfg.model.text is not None:
@@ -78,6 +89,8 @@ class Trainer:
         unet = setup.build_unet(cfg, cfg.data.seed)
         groups = param_groups(unet)
 
+        if cfg.train.resume not in ("auto", "none"):  # same verdict on every rank, no collective
+            ckpt_lib.check_trusted(cfg.train.resume, self.output, cfg.train.trust_checkpoint)
         self.resume = setup.plan_resume(cfg.train.resume, self.output, self.world, self.log)
         precision = resolve_precision(cfg)
         ds_cfg = deepspeed_config(
@@ -105,50 +118,41 @@ class Trainer:
             cfg.data.prefetch_factor,
             cfg.data.storage_options,
         )
+        self.guard = NonFiniteGuard(cfg.train.max_skipped_steps, self.rank, self.world, self.log)
+        self.checkpoints = self._registry()
         if self.resume.path is not None:
             self._load()
         self.metrics = MetricsLog(self.output, self.rank == 0, cfg.train.tensorboard, cfg.train.log_every)
         return self
 
+    def _registry(self) -> ckpt_lib.CheckpointManager:
+        """Everything a checkpoint holds. New state: one `register` line."""
+        cfg, C = self.cfg, ckpt_lib
+        topology = {
+            "world_size": self.world,
+            "role": self.role.role,
+            "role_rank": self.role.role_rank,
+            "num_workers": self.loader.num_workers,
+        }
+        manager = C.CheckpointManager(self.output, cfg.train.keep, topology, self.log)
+        after_load = lambda: apply_optim_config(self.engine.lr_scheduler, cfg)  # noqa: E731
+        manager.register("engine", C.EngineState(self.engine, after_load), C.ENGINE)
+        reseed = lambda step: self.loader.reseed(generation=step)  # noqa: E731
+        manager.register("data", self.loader, C.RANK, rederive=reseed)
+        seed_for = lambda step: rank_seed(cfg.data.seed, self.rank, step)  # noqa: E731
+        manager.register("rng", C.RNGState(self.generator, seed_for), C.RANK)
+        manager.register("ema", self.ema, C.SHARED)
+        manager.register("metrics", self.guard, C.SHARED)
+        return manager
+
     def _load(self) -> None:
         plan = self.resume
-        load_path, _ = self.engine.load_checkpoint(plan.load_dir, tag=plan.tag)
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint {plan.path}")
-        apply_optim_config(self.engine.lr_scheduler, self.cfg)
+        how = self.checkpoints.load(plan.path, plan.load_dir, plan.tag, plan.same_world)
         self.step = int(plan.meta["step"])
-        rank_state = None
+        world = f"world {plan.meta['world_size']} -> {self.world} (universal)"
         if plan.same_world:
-            import json
-
-            rank_state = json.loads(ckpt_lib.rank_file(plan.path, self.rank).read_text())
-            data = rank_state["data"]
-            if (data["role"], data["role_rank"], data["num_workers"]) != (
-                self.role.role,
-                self.role.role_rank,
-                self.loader.num_workers,
-            ):
-                rank_state = None  # roles or workers changed: positions do not carry over
-        if rank_state is not None:
-            self.loader.load_state_dict(rank_state["data"])
-            ckpt_lib.set_rng_state(rank_state["rng"], self.generator)
-        else:
-            # New topology: streams and RNGs are re-derived from (seed, rank, step): deterministic
-            # for a given checkpoint and world size; shards are drawn with replacement anyway.
-            self.loader.reseed(generation=self.step)
-            seed = rank_seed(self.cfg.data.seed, self.rank, self.step)
-            self.generator.manual_seed(seed)
-            torch.manual_seed(seed)
-        if self.ema is not None and plan.meta.get("ema"):
-            from safetensors.torch import load_file
-
-            self.ema.load_state_dict(load_file(str(plan.path / "ema.safetensors")))
-        how = (
-            "same world size"
-            if plan.same_world
-            else f"world {plan.meta['world_size']} -> {self.world} (universal)"
-        )
-        self.log(f"[train] resumed from {plan.path} at step {self.step} ({how})")
+            world = "same world size"
+        self.log(f"[train] resumed from {plan.path} at step {self.step} ({world}; {how})")
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -190,29 +194,33 @@ class Trainer:
 
     def forward_backward(self, batch: dict[str, Any]) -> float:
         loss = self.compute_loss(batch)
+        value = float(loss.detach())
+        if not math.isfinite(value):  # NaN in every gradient: DeepSpeed skips the step on all ranks
+            loss = loss * float("nan")
         self.engine.backward(loss)
-        return float(loss.detach())
+        return value
 
     def train_step(self) -> dict[str, Any]:
-        t0, wait, losses, samples = time.perf_counter(), 0.0, [], 0
+        t0, wait, losses, samples, shards = time.perf_counter(), 0.0, [], 0, []
         lr = float(self.engine.get_lr()[0])
         for _ in range(self.cfg.deepspeed.gradient_accumulation_steps):
             tw = time.perf_counter()
             batch = next(self.loader)
             wait += time.perf_counter() - tw
             samples += len(batch["caption"])
+            shards += batch.get("shards", [])
             if self.flops is None and self.device.type == "cuda":
                 self.flops = count_train_flops(lambda b=batch: losses.append(self.forward_backward(b)))
             else:
                 losses.append(self.forward_backward(batch))
             self.engine.step()
+        applied = self.engine.was_step_applied()
         self.step += 1
-        if self.ema is not None:
-            self.ema.update(self.engine.module)
+        loss = sum(losses) / len(losses)
         step_s = time.perf_counter() - t0
         red = reduce_step(
             self.role.role,
-            sum(losses) / len(losses),
+            loss,
             samples,
             wait,
             step_s,
@@ -220,7 +228,11 @@ class Trainer:
             self.device,
             flops=self.flops or 0.0,
             bad=sum(self.loader.bad.values()),
+            applied=applied,
         )
+        skipped = self.guard.after_step(self.step, red, math.isfinite(loss), shards)
+        if self.ema is not None and not skipped:
+            self.ema.update(self.engine.module)
         norm = self.engine.get_global_grad_norm()
         total = red["samples_image"] + red["samples_video"]
         record = {
@@ -229,12 +241,15 @@ class Trainer:
             "loss_video": red["loss_video"],
             "lr": lr,
             "grad_norm": float(norm) if norm is not None else float("nan"),
+            "samples": int(total),
             "samples_per_s": total / red["step_time"],
             "samples_per_s_image": red["samples_image"] / red["step_time"],
             "samples_per_s_video": red["samples_video"] / red["step_time"],
             "data_wait_fraction": red["data_wait_fraction"],
             "step_time": red["step_time"],
             "bad_samples": red["bad"],
+            "skipped": int(skipped),
+            "skipped_steps": self.guard.total,
         }
         peak = peak_flops()
         if peak and red["flops"]:
@@ -244,26 +259,8 @@ class Trainer:
     # -- run -----------------------------------------------------------------------------------
 
     def save(self) -> None:
-        state = {
-            "rank": self.rank,
-            "world_size": self.world,
-            "step": self.step,
-            "role": self.role.role,
-            "data": self.loader.state_dict(),
-            "rng": ckpt_lib.rng_state(self.generator),
-        }
         meta = {"zero_stage": self.cfg.deepspeed.zero_stage, "roles": self.role.role_size}
-        ckpt_lib.save(
-            self.engine,
-            self.output,
-            self.step,
-            state,
-            meta,
-            self.cfg.train.keep,
-            self.ema.state_dict() if self.ema else None,
-            self.log,
-            config_yaml=to_yaml(self.cfg),
-        )
+        self.checkpoints.save(self.step, meta, config_yaml=public_yaml(self.cfg))
 
     def run(self, max_steps: int | None = None) -> int:
         cfg = self.cfg
@@ -275,6 +272,7 @@ class Trainer:
                 record = self.train_step()
                 stop = record.pop("stop")
                 self.metrics.log(record)
+                self.guard.check()  # no checkpoint then: resuming would meet the same batches
                 if self.step % cfg.train.save_every == 0 or stop or self.step == max_steps:
                     self.save()
                     saved_at = self.step

@@ -37,6 +37,9 @@ _FIELDS = (
     "stop",
     "flops",
     "bad",
+    "nonfinite_image",
+    "nonfinite_video",
+    "not_applied",
 )
 
 
@@ -50,13 +53,21 @@ def reduce_step(
     device: torch.device,
     flops: float = 0.0,
     bad: int = 0,
-) -> dict[str, float]:
+    applied: bool = True,
+) -> dict[str, Any]:
     """Role-averaged losses, global sample counts, mean data wait, summed FLOPs and skipped
-    samples; `stop` if any rank wants to stop. One all_reduce per step."""
+    samples; `stop` if any rank wants to stop; how many ranks saw a non-finite loss and how many
+    had their optimiser step discarded. One all_reduce per step.
+
+    A role without ranks has loss None (null in JSON); a non-finite loss stays NaN (`NaN`)."""
     v = dict.fromkeys(_FIELDS, 0.0)
     v[f"loss_{role}"], v[f"n_{role}"], v[f"samples_{role}"] = loss, 1.0, float(samples)
     v["wait"], v["step_time"], v["stop"] = wait_s, step_s, float(stop)
     v["flops"], v["bad"] = flops, float(bad)
+    # A NaN slot would poison the sum of the other slots: losses travel as 0 plus a flag.
+    if not math.isfinite(loss):
+        v[f"loss_{role}"] = 0.0
+    v[f"nonfinite_{role}"], v["not_applied"] = float(not math.isfinite(loss)), float(not applied)
     t = torch.tensor([v[k] for k in _FIELDS], dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(t)
@@ -64,9 +75,15 @@ def reduce_step(
     world = dist.get_world_size() if dist.is_initialized() else 1
     step_time = s["step_time"] / world
     nan = float("nan")
+    role_loss = {}
+    for r in ("image", "video"):
+        if not s[f"n_{r}"]:
+            role_loss[r] = None
+        else:
+            role_loss[r] = nan if s[f"nonfinite_{r}"] else s[f"loss_{r}"] / s[f"n_{r}"]
     return {
-        "loss_image": s["loss_image"] / s["n_image"] if s["n_image"] else nan,
-        "loss_video": s["loss_video"] / s["n_video"] if s["n_video"] else nan,
+        "loss_image": role_loss["image"],
+        "loss_video": role_loss["video"],
         "samples_image": s["samples_image"],
         "samples_video": s["samples_video"],
         "step_time": step_time,
@@ -74,7 +91,10 @@ def reduce_step(
         "stop": s["stop"] > 0,
         "flops": s["flops"],
         "bad": int(s["bad"]),
+        "nonfinite_ranks": int(s["nonfinite_image"] + s["nonfinite_video"]),
+        "not_applied_ranks": int(s["not_applied"]),
     }
+
 
 
 def peak_flops() -> float | None:
@@ -115,18 +135,22 @@ class MetricsLog:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+        # None (a role without ranks) is null; NaN/inf are written as JSON's common extension
+        # `NaN`/`Infinity` (Python's json, pandas, JavaScript's JSON5 read them), never as null.
+        self.file.write(json.dumps(record, allow_nan=True) + "\n")
         step = record["step"]
         if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+            for key, value in record.items():  # NaN too: a diverging run must show in TensorBoard
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.writer.add_scalar(_tb_name(key), value, step)
-        if step % self.log_every == 0 or step == 1:
+        if step % self.log_every == 0 or step == 1 or record.get("skipped"):
             mfu = f" mfu {record['mfu']:.1%}" if record.get("mfu") is not None else ""
+            skipped = " (step skipped)" if record.get("skipped") else ""
             print(
                 f"step {step} | loss img {_num(record['loss_image'])} vid {_num(record['loss_video'])} | "
-                f"lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f} | {record['samples_per_s']:.1f} "
-                f"samples/s | wait {record['data_wait_fraction']:.1%} | {record['step_time']:.2f}s/step{mfu}",
+                f"lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f}{skipped} | "
+                f"{record['samples_per_s']:.1f} samples/s | wait {record['data_wait_fraction']:.1%} | "
+                f"{record['step_time']:.2f}s/step{mfu}",
                 flush=True,
             )
 
@@ -137,14 +161,8 @@ class MetricsLog:
             self.writer.close()
 
 
-def _num(v: float) -> str:
-    return f"{v:.4f}" if math.isfinite(v) else "-"
-
-
-def _plain(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None  # JSON has no NaN: a role without ranks logs null
-    return v
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"  # NaN prints as nan
 
 
 def _tb_name(key: str) -> str:

@@ -33,7 +33,9 @@ def deepspeed_config(
         "gradient_accumulation_steps": cfg.deepspeed.gradient_accumulation_steps,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
-        "bf16": {"enabled": precision == "bf16"},
+        # The non-finite guard (training/loop.py) relies on DeepSpeed discarding a step whose
+        # global gradient norm is inf/NaN; set explicitly, bf16's default changed over versions.
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},

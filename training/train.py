@@ -1,7 +1,8 @@
 """Train HiGen with DeepSpeed (SPEC §5).
 
     deepspeed [--hostfile H | --num_gpus N] training/train.py --config FILE --data OUT --output DIR \
-        [--max-steps N] [--save-every N] [--resume auto|PATH|none] [section.field=value ...]
+        [--max-steps N] [--save-every N] [--resume auto|PATH|none] [--trust-checkpoint] \
+        [section.field=value ...]
 
 `python training/train.py ...` runs a single process. Exit status 143 means SIGTERM stopped the
 job after writing a complete checkpoint (relaunch with `--resume auto`).
@@ -25,6 +26,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, help="overrides train.max_steps")
     p.add_argument("--save-every", type=int, help="overrides train.save_every")
     p.add_argument("--resume", help="auto (newest complete checkpoint), none, or a checkpoint directory")
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow --resume from a DeepSpeed checkpoint outside --output (DeepSpeed unpickles it)",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="section.field=value config overrides")
     return p.parse_intermixed_args(argv)
@@ -44,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if flag is not None:
             overrides.append(f"train.{key}={flag}")
+    if args.trust_checkpoint:
+        overrides.append("train.trust_checkpoint=true")
     cfg = load_config(TrainConfig, args.config, overrides)
     return Trainer(cfg, args.data, args.output).setup().run()
 

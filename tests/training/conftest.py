@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from shards import make_dataset  # noqa: E402
-from trainlib import TINY  # noqa: E402
+from trainlib import TINY, launch, metrics, tail, train_args  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +40,13 @@ def init_weights(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("init") / "unet.safetensors"
     save_file(state, str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def baseline(dataset, tmp_path_factory) -> Path:
+    """Uninterrupted: 4 ranks (3 video, 1 image), ZeRO-2, 2 loader workers, 5 steps, saves at 3 and 5."""
+    out = tmp_path_factory.mktemp("baseline")
+    done = launch("training/train.py", 4, train_args(dataset, out, "--max-steps", "5", "--save-every", "3"))
+    assert done.returncode == 0, tail(done)
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5]
+    return out

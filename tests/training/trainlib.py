@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -45,3 +46,9 @@ def train_args(data: Path, out: Path, *extra: str) -> list[str]:
 def tail(done: subprocess.CompletedProcess | str) -> str:
     text = done if isinstance(done, str) else done.stdout + done.stderr
     return text[-6000:]
+
+
+def metrics(out: Path) -> list[dict]:
+    """The run's metrics.jsonl (NaN is written as `NaN`, which json reads back as nan)."""
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
