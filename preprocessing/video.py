@@ -138,8 +138,9 @@ def _decord_size_bug(exc: Exception) -> bool:
 
 def pyav_chunks(path: str, data: bytes | None, indices: list[int]):
     """The frames at `indices` (ascending decode-order positions, as decord counts them) decoded
-    with PyAV, in chunks of CHUNK_FRAMES. Decodes every frame up to the last index: PyAV's
-    seeking is by timestamp, and these are small clips."""
+    with PyAV, in chunks of CHUNK_FRAMES. Decodes every frame up to the last index, which is
+    how decord counts positions too (PyAV seeks by timestamp); cheap at these frame widths, and
+    `video.decode_timeout_s` still bounds it."""
     import av
 
     wanted, chunk = iter(indices), []
