@@ -3,9 +3,11 @@ injected, how often, and what was lost (target: nothing).
 
     python bench/faults.py [--every 5]
 
-Reduced versions of tests/faults (same helpers, tiny config, a 2-CPU local Ray per job):
-1. hostile corpus: ~50 rows of broken / odd media and captions (tests/faults/faultlib.py);
-   lost = rows missing from the status tables or good rows not ok; unsafe tar members.
+Reduced versions of tests/faults (the same `testing` helpers, tiny config, a 2-CPU local Ray
+per job):
+1. hostile corpus: ~55 rows of broken / odd media and captions (`testing.hostile`); lost =
+   rows missing from the status tables or good rows not ok; wrong = a row whose outcome is
+   not its expected one (a bad row let through, or failed with another reason); unsafe tars.
 2. driver SIGKILL after the first shard commit, then the same command again.
 3. SIGKILL of a Ray worker while it writes a shard (Ray retries the task).
 4. S3 through `testing.faults_proxy.FaultProxy` (every Nth request: 503 SlowDown, 500,
@@ -18,21 +20,17 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests" / "faults"))
-
-import faultlib as fl  # noqa: E402
+from testing import prep_job as fl
+from testing.flaky_s3 import check_bucket, flaky_s3_run
+from testing.hostile import build_hostile_corpus
 
 
 def hostile(tmp: Path) -> dict:
-
-    corpus = fl.build_hostile_corpus(tmp / "media")
+    corpus = build_hostile_corpus(tmp / "media")
     out = tmp / "out"
     rc = fl.run(fl.prep_cmd(str(out), corpus["videos"], corpus["images"]), tmp / "log", timeout=600)
     rows = lost = wrong = unsafe = shards_lost = 0
@@ -43,10 +41,11 @@ def hostile(tmp: Path) -> dict:
         lost += len(expect) - len(status)  # rows missing from every status table
         shards_lost += -(-len(expect) // 4) - len(list((out / kind).glob("*.json")))  # tiny: 4/shard
         for i, row in status.iterrows():
-            if expect[i] == "ok" and row.status != "ok":
+            got = "ok" if row.status == "ok" else f"failed:{row.reason}"
+            if expect[i] == "ok" and got != "ok":
                 lost += 1  # a good sample dropped
-            elif expect[i].startswith("failed") and row.status != "failed":
-                wrong += 1  # a bad one let through
+            elif got != expect[i]:
+                wrong += 1  # a bad one let through, or failed for another reason
         for tar in (out / kind).glob("*.tar"):
             try:
                 fl.check_members(fl.tar_members(tar.read_bytes()))
@@ -57,23 +56,8 @@ def hostile(tmp: Path) -> dict:
         often=f"{rows} rows",
         lost=lost,
         shards_lost=shards_lost,
-        note=f"rc={rc}, {wrong} bad rows not failed, {unsafe} unsafe tars",
+        note=f"rc={rc}, {wrong} bad rows with another outcome, {unsafe} unsafe tars",
     )
-
-
-def _small(tmp: Path) -> tuple[tuple, Path]:
-    from preprocessing.synthetic import generate
-
-    generate(tmp / "media", videos=4, images=3, bad=False, seconds=1.5)
-    args = (
-        str(tmp / "media" / "videos.parquet"),
-        str(tmp / "media" / "images.parquet"),
-        "--samples-per-shard",
-        "1",
-    )
-    ref = tmp / "ref"
-    assert fl.run(fl.prep_cmd(str(ref), *args), tmp / "ref.log") == 0
-    return args, ref
 
 
 def _compare(out: Path, ref: Path) -> tuple[int, int, bool]:
@@ -88,8 +72,8 @@ def driver_kill(tmp: Path, args: tuple, ref: Path) -> dict:
     cmd = fl.prep_cmd(str(out), *args)
     proc = fl.start(cmd, tmp / "d1.log")
     try:
-        fl.wait_for(lambda: list(out.glob("*/*.json")), 300, proc, "first commit")
-        done = len(list(out.glob("*/*.json")))
+        fl.wait_for(lambda: fl.committed(out), 300, proc, "first commit")
+        done = len(fl.committed(out))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         leftovers = fl.wait_group_gone(proc, timeout=20)
@@ -108,29 +92,11 @@ def driver_kill(tmp: Path, args: tuple, ref: Path) -> dict:
 
 
 def worker_kill(tmp: Path, args: tuple, ref: Path) -> dict:
-    import psutil
-
     out = tmp / "worker"
     proc = fl.start(fl.prep_cmd(str(out), *args), tmp / "w.log")
-
-    def workers() -> list[int]:
-        found = []
-        for pid in fl.group_pids(proc):
-            try:
-                if psutil.Process(pid).cmdline()[:1] == ["ray::_run_shard"]:
-                    found.append(pid)
-            except (psutil.Error, IndexError):
-                pass
-        return found
-
     try:
-        fl.wait_for(
-            lambda: (out / "_tmp").exists() and any((out / "_tmp").glob("*/*.tar.*")) and workers(),
-            300,
-            proc,
-            "a shard in progress",
-        )
-        os.kill(workers()[0], signal.SIGKILL)
+        fl.wait_for(lambda: fl.shard_in_progress(out, proc), 300, proc, "a shard in progress")
+        os.kill(fl.ray_shard_workers(proc)[0], signal.SIGKILL)
         rc = proc.wait(timeout=480)
     finally:
         fl.stop_group(proc)
@@ -146,10 +112,8 @@ def worker_kill(tmp: Path, args: tuple, ref: Path) -> dict:
 
 
 def flaky_s3(tmp: Path, every: int) -> dict:
-    import test_faults_s3 as s3t
-
-    with s3t.flaky_s3_run(tmp, every=every) as (rc, fs, injected, requests):
-        report = s3t.check_bucket(fs, videos=2, images=3)
+    with flaky_s3_run(tmp, every=every) as (rc, fs, injected, requests):
+        report = check_bucket(fs, videos=2, images=3)
     faults = ", ".join(f"{k}={v}" for k, v in sorted(injected.items()))
     return dict(
         fault=f"S3: {faults}",
@@ -172,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in ("hostile", "small", "s3"):
             (tmp / name).mkdir()
         rows.append(hostile(tmp / "hostile"))
-        small_args, ref = _small(tmp / "small")
+        small_args, ref = fl.small_run(tmp / "small")
         rows.append(driver_kill(tmp / "small", small_args, ref))
         rows.append(worker_kill(tmp / "small", small_args, ref))
         rows.append(flaky_s3(tmp / "s3", args.every))

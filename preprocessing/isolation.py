@@ -9,8 +9,9 @@ One long-lived child per worker decodes all videos; the worker survives anything
   fails under its RLIMIT_AS of `decode_memory_mb`         -> `out_of_memory`
 - it is restarted every `decoder_recycle_every` videos, so decord's leaks never accumulate.
 
-The child is a fresh interpreter (`python -m preprocessing.video`) talking over a socketpair
-(`preprocessing.wire`: JSON header + raw bytes, never pickles). Unlike multiprocessing's
+The child is a fresh interpreter (`python -m preprocessing.video`, or the module given as
+`child_module`) talking over a socketpair (`preprocessing.wire`: JSON header + raw bytes,
+never pickles). Unlike multiprocessing's
 spawn/forkserver contexts, this never re-imports the parent's `__main__` (a Ray worker's entry
 script). Frames arrive in chunks at source resolution (cropped to the visible box when that
 saves much); the worker resizes chunk k while the child decodes chunk k+1.
@@ -40,9 +41,12 @@ _START_TIMEOUT_S = 120.0  # interpreter + decord import; not charged to any vide
 class VideoDecoderProcess:
     """Decodes one clip per call in the child; every failure becomes a `SampleError`."""
 
-    def __init__(self, cfg: VideoConfig, threads: int = 0):
+    def __init__(self, cfg: VideoConfig, threads: int = 0, child_module: str = "preprocessing.video"):
         self.cfg = cfg
         self.threads = threads  # decord decoding threads; 0 = ffmpeg's choice
+        # Run as `python -m child_module SOCKET_FD FRAMES_FD MEMORY_MB`. A parameter so that the
+        # isolation tests can start a child that really aborts or hangs (testing.faulty_decoder).
+        self.child_module = child_module
         self.decodes_since_start = 0
         self.starts = 0  # child processes started so far (first start, crashes, recycling)
         self._proc: subprocess.Popen | None = None
@@ -62,7 +66,7 @@ class VideoDecoderProcess:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "preprocessing.video", str(child_sock.fileno()),
+                [sys.executable, "-m", self.child_module, str(child_sock.fileno()),
                  str(self._frames.fd), str(self.cfg.decode_memory_mb)],
                 pass_fds=(child_sock.fileno(), self._frames.fd),
                 stdin=subprocess.DEVNULL,
@@ -119,9 +123,7 @@ class VideoDecoderProcess:
     def close(self) -> None:
         self._stop(kill=False)
 
-    def decode(
-        self, source: str, key: str, data: bytes | None = None, *, _test_hook: str | None = None
-    ) -> tuple[np.ndarray, dict[str, Any]]:
+    def decode(self, source: str, key: str, data: bytes | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         """uint8 [F,H,W,3] frames (resized + centre-cropped to W×H) and metadata; SampleError."""
         if self._proc is None or self._proc.poll() is not None:
             self._stop(kill=True)
@@ -129,7 +131,7 @@ class VideoDecoderProcess:
         cfg = self.cfg
         req = {
             "source": source, "key": key, "frames": cfg.frames, "width": cfg.width, "height": cfg.height,
-            "target_fps": cfg.target_fps, "threads": self.threads, "test_hook": _test_hook,
+            "target_fps": cfg.target_fps, "threads": self.threads,
         }
         deadline = time.monotonic() + cfg.decode_timeout_s
         try:

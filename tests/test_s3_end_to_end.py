@@ -28,8 +28,6 @@ KEY_ID = "AKIDHIGENE2ETEST"
 pytestmark = pytest.mark.slow
 
 
-
-
 @pytest.fixture
 def aws_env(tmp_path, moto_s3):
     host, port = moto_s3.host_port
@@ -111,7 +109,16 @@ def test_s3_preprocess_train_report(aws_env, tmp_path):
     report = tmp_path / "report"
     _run([PY, "-m", "pipeline.report", out, "--out", str(report)], env, logs)
     summary = json.loads((report / "summary.json").read_text())
-    assert "ok" in json.dumps(summary) and (report / "index.html").exists()
+    assert summary["source"] == out and (report / "index.html").exists()
+    # What the report read back from the bucket: every shard, row and sample, nothing failed.
+    # tiny.yaml: 4 samples per shard, 8 frames per clip.
+    for kind, shards, rows in (("videos", 2, 6), ("images", 1, 4)):
+        got = summary["kinds"][kind]
+        assert (got["shards"], got["incomplete_shards"], got["rows"]) == (shards, [], rows), got
+        assert (got["status"], got["reasons"], got["samples_in_tars"]) == ({"ok": rows}, {}, rows), got
+        assert got["unreadable_members"] == {}, got
+    videos = summary["kinds"]["videos"]
+    assert videos["clips_with_factors"] == 6 and videos["frames"]["min"] == videos["frames"]["max"] == 8
 
     # The secret never leaks: not in any log line, config dump or written file.
     dumps = [p for p in list(run.rglob("*")) + list(report.rglob("*")) if p.is_file()

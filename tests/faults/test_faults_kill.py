@@ -9,10 +9,15 @@ import os
 import signal
 
 import pytest
-from faultlib import (
-    group_pids,
+
+from testing.prep_job import (
+    SMALL_SHARDS,
+    committed,
     prep_cmd,
+    ray_shard_workers,
     run,
+    shard_in_progress,
+    small_run,
     start,
     status_tables,
     stop_group,
@@ -26,33 +31,19 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    """4 videos + 3 images at one sample per shard (7 shards), and an undisturbed run of them."""
-    from preprocessing.synthetic import generate
-
+    """`testing.prep_job.small_run`: 7 one-sample shards and an undisturbed run of them."""
     root = tmp_path_factory.mktemp("kill")
-    generate(root / "media", videos=4, images=3, bad=False, seconds=1.5)
-    args = (
-        str(root / "media" / "videos.parquet"),
-        str(root / "media" / "images.parquet"),
-        "--samples-per-shard",
-        "1",
-    )
-    ref = root / "ref"
-    assert run(prep_cmd(str(ref), *args), root / "ref.log") == 0, (root / "ref.log").read_text()[-3000:]
+    args, ref = small_run(root)
     return root, args, ref
 
 
 def assert_same_output(out, ref) -> None:
     got, want = tar_bytes(out), tar_bytes(ref)
-    assert sorted(got) == sorted(want) and len(want) == 7
+    assert sorted(got) == sorted(want) and len(want) == SMALL_SHARDS
     assert [k for k in want if got[k] != want[k]] == []
     assert status_tables(out) == status_tables(ref)
     assert json.loads((out / "dataset.json").read_text())["complete"] is True
     assert not (out / "_tmp").exists() or not any((out / "_tmp").iterdir())
-
-
-def committed(out) -> list:
-    return sorted(out.glob("*/*.json"))
 
 
 def test_driver_sigkill_then_rerun(small):
@@ -70,24 +61,11 @@ def test_driver_sigkill_then_rerun(small):
     finally:
         stop_group(proc)
     before = {p: p.read_bytes() for p in committed(out)}
-    assert 1 <= len(before) < 7, "kill came too late to test a resume"
+    assert 1 <= len(before) < SMALL_SHARDS, "kill came too late to test a resume"
     assert run(cmd, root / "driver2.log") == 0, (root / "driver2.log").read_text()[-3000:]
     # Committed shards were skipped (their stats json is untouched), the rest was done.
     assert {p: p.read_bytes() for p in before} == before
     assert_same_output(out, ref)
-
-
-def ray_shard_workers(proc) -> list[int]:
-    import psutil
-
-    found = []
-    for pid in group_pids(proc):
-        try:
-            if psutil.Process(pid).cmdline()[:1] == ["ray::_run_shard"]:
-                found.append(pid)
-        except (psutil.Error, IndexError):
-            pass
-    return found
 
 
 def test_worker_sigkill_mid_shard(small):
@@ -96,12 +74,7 @@ def test_worker_sigkill_mid_shard(small):
     proc = start(prep_cmd(str(out), *args), root / "worker.log")
     killed: list[int] = []
     try:
-        # A shard task is running and has its temp tar open: the middle of a shard.
-        def busy() -> bool:
-            tmp = out / "_tmp"
-            return any(tmp.glob("*/*.tar.*")) and bool(ray_shard_workers(proc)) if tmp.exists() else False
-
-        wait_for(busy, 300, proc, "a shard task writing its tar")
+        wait_for(lambda: shard_in_progress(out, proc), 300, proc, "a shard task writing its tar")
         victim = ray_shard_workers(proc)[0]
         os.kill(victim, signal.SIGKILL)
         killed.append(victim)

@@ -55,6 +55,50 @@ def test_v_target_with_offset_noise():
     assert eps.training_loss(oracle, latents, ctx, generator=torch.Generator().manual_seed(0)) > 0.1
 
 
+class RecordingUNet(torch.nn.Module):
+    """Records the noisy input and timesteps it is given; predicts zeros."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x, t, context, **kwargs):
+        self.seen.append((x.detach().clone(), t.clone()))
+        return torch.zeros_like(x)
+
+
+def training_noise(diffusion: Diffusion, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """The noise `training_loss` adds, recovered from x_t on zero latents: x_t = sqrt(1-ā_t)·noise."""
+    unet = RecordingUNet()
+    ctx = torch.zeros(shape[0], 5, 8)
+    diffusion.training_loss(unet, torch.zeros(shape), ctx, generator=torch.Generator().manual_seed(seed))
+    x, t = unet.seen[-1]
+    a = diffusion.train_scheduler.alphas_cumprod[t].reshape(-1, *[1] * (x.ndim - 1))
+    return x.double() / (1 - a.double()).sqrt()
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.1, 0.3])
+def test_offset_noise_is_a_constant_per_sample_channel_and_frame(offset):
+    # noise = N(0, 1) per element + offset * N(0, 1) per (sample, channel, frame), SPEC §4. Over
+    # the h*w pixels of one frame its mean has variance offset² + 1/(h*w); the difference of
+    # two frames' means twice that (an offset shared by the frames would cancel out there).
+    b, c, f, h, w = 64, 4, 4, 16, 16
+    noise = training_noise(Diffusion(DiffusionConfig(text_dropout=0.0, offset_noise=offset)), (b, c, f, h, w))
+    means = noise.mean(dim=(3, 4))
+    per_frame = float(means.var()) - 1 / (h * w)
+    across_frames = float((means[:, :, 1:] - means[:, :, :-1]).var()) / 2 - 1 / (h * w)
+    assert abs(per_frame - offset**2) < 0.002 + 0.15 * offset**2, (per_frame, offset**2)
+    assert abs(across_frames - offset**2) < 0.002 + 0.15 * offset**2, (across_frames, offset**2)
+    # Within a frame the offset is one constant: the pixel noise around the frame mean stays N(0, 1).
+    assert abs(float((noise - means[..., None, None]).std()) - 1) < 0.02
+
+
+def test_default_offset_noise_is_the_released_0_1():
+    b, c, f, h, w = 64, 4, 4, 16, 16
+    means = training_noise(Diffusion(DiffusionConfig(text_dropout=0.0)), (b, c, f, h, w)).mean(dim=(3, 4))
+    assert float(means.var()) - 1 / (h * w) == pytest.approx(0.1**2, rel=0.15)
+
+
 def test_text_dropout_uses_null_context():
     diffusion = Diffusion(DiffusionConfig(text_dropout=0.25))
     oracle = OracleV(diffusion.train_scheduler.alphas_cumprod)

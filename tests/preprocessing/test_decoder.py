@@ -1,12 +1,15 @@
 """`Decoder`: real synthetic files through the isolated decoder child, every bad input, and a
-child that aborts, segfaults, hangs or runs out of memory (injected into the real child)."""
+child that aborts, segfaults, hangs or runs out of memory (`testing.faulty_decoder`: the real
+child loop with the fault injected where a hostile file would trigger it)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 
 import av
 import numpy as np
@@ -18,6 +21,8 @@ from core.shard_format import SampleError, sample_key
 from preprocessing.isolation import VideoDecoderProcess
 from preprocessing.process import Decoder, clean_caption
 from preprocessing.transform import resize_cover
+from testing import faulty_decoder as faulty
+from testing.hostile import X264, write_video
 
 
 @pytest.fixture
@@ -105,21 +110,31 @@ def test_captions_are_cleaned_or_rejected():
         assert err.value.reason == "bad_caption" and "clips/f.mp4" in err.value.detail
 
 
+@pytest.fixture
+def victim(synthetic, tmp_path) -> tuple[str, str]:
+    """(a good video, a copy of it that `testing.faulty_decoder` misbehaves on)."""
+    path = synthetic["videos"][1]["video"]
+    copy = tmp_path / "victim.mp4"
+    shutil.copy(path, copy)
+    return path, str(copy)
+
+
 @pytest.mark.parametrize(
-    "hook, reason",
+    "fault, reason",
     [("abort", "decoder_crash"), ("segfault", "decoder_crash"), ("eat_memory", "out_of_memory"),
      ("raise", "decode_error"), ("hang", "timeout")],
 )
-def test_misbehaving_child_costs_one_sample(video_cfg, synthetic, hook, reason):
+def test_misbehaving_child_costs_one_sample(video_cfg, victim, monkeypatch, fault, reason):
     video_cfg.decode_timeout_s = 2.0
-    path = synthetic["videos"][1]["video"]
-    proc = VideoDecoderProcess(video_cfg)
+    path, bad = victim
+    monkeypatch.setenv(faulty.ENV, faulty.plan({bad: fault}))
+    proc = VideoDecoderProcess(video_cfg, child_module="testing.faulty_decoder")
     try:
         good, _ = proc.decode(path, sample_key(path))
         first_pid = proc.pid
         with pytest.raises(SampleError) as err:
-            proc.decode(path, sample_key(path), _test_hook=hook)
-        assert err.value.reason == reason and path in err.value.detail
+            proc.decode(bad, sample_key(path))
+        assert err.value.reason == reason and bad in err.value.detail
         again, _ = proc.decode(path, sample_key(path))  # the worker carries on
         assert np.array_equal(good, again)
         if reason in ("decoder_crash", "timeout"):
@@ -129,18 +144,65 @@ def test_misbehaving_child_costs_one_sample(video_cfg, synthetic, hook, reason):
         proc.close()
 
 
-def test_child_killed_by_the_oom_killer_is_out_of_memory(video_cfg, synthetic):
-    path = synthetic["videos"][1]["video"]
-    proc = VideoDecoderProcess(video_cfg)
+def test_faulty_child_decodes_like_the_real_one(video_cfg, victim, monkeypatch):
+    # Only the named source misbehaves; the rest is the product's child loop, frame for frame.
+    path, bad = victim
+    monkeypatch.setenv(faulty.ENV, faulty.plan({bad: "abort"}))
+    real = VideoDecoderProcess(video_cfg)
+    injected = VideoDecoderProcess(video_cfg, child_module="testing.faulty_decoder")
+    try:
+        want, want_meta = real.decode(path, sample_key(path))
+        got, got_meta = injected.decode(path, sample_key(path))
+        assert np.array_equal(want, got) and want_meta == got_meta
+        bad_frames, _ = real.decode(bad, sample_key(path))  # the product child has no faults
+        assert np.array_equal(bad_frames, want)
+    finally:
+        real.close()
+        injected.close()
+    with pytest.raises(ValueError, match="unknown fault"):
+        faulty.plan({bad: "explode"})
+
+
+def test_child_killed_by_the_oom_killer_is_out_of_memory(video_cfg, victim, monkeypatch):
+    path, bad = victim
+    monkeypatch.setenv(faulty.ENV, faulty.plan({bad: "hang"}))
+    proc = VideoDecoderProcess(video_cfg, child_module="testing.faulty_decoder")
     try:
         proc.decode(path, sample_key(path))
         pid = proc.pid
         threading.Timer(0.5, os.kill, (pid, signal.SIGKILL)).start()  # what the kernel OOM killer does
         with pytest.raises(SampleError) as err:
-            proc.decode(path, sample_key(path), _test_hook="hang")
+            proc.decode(bad, sample_key(path))
         assert err.value.reason == "out_of_memory" and "SIGKILL" in err.value.detail
     finally:
         proc.close()
+
+
+@pytest.mark.parametrize("side", [8, 16, 24])
+def test_narrow_video_decodes_through_the_pyav_fallback(video_cfg, tmp_path, side):
+    # decord refuses to copy out frames this narrow; the child decodes them with PyAV instead,
+    # with the same frame selection and transform.
+    path = str(tmp_path / f"tiny{side}.mp4")
+    rng = np.random.default_rng(side)
+    noise = rng.integers(0, 256, (20, side, side, 3), dtype=np.uint8)
+    write_video(Path(path), noise, "libx264", "yuv420p", X264)
+    import decord
+
+    with pytest.raises(decord.DECORDError, match="from_size == to_size"):
+        decord.VideoReader(path).get_batch([0])  # the decord bug this works around
+    proc = VideoDecoderProcess(video_cfg)
+    try:
+        frames, meta = proc.decode(path, sample_key(path))
+    finally:
+        proc.close()
+    assert frames.shape == (8, 64, 128, 3) and meta["num_source_frames"] == 20
+    assert len(meta["frame_indices"]) == 8 and np.all(np.diff(meta["frame_indices"]) == meta["stride"])
+    x0, y0, x1, y1 = meta["crop_box"]
+    assert meta["crop_box"] == list(cover_crop(side, side, 128, 64).box)
+    # Both PyAV, so identical, not just close: the PyAV frames at the selected indices, cropped
+    # to the visible box and resized, as the worker does for every video (`send_region`).
+    ref = resize_cover(reference_frames(path, meta["frame_indices"])[:, y0:y1, x0:x1], 128, 64)
+    assert np.array_equal(frames, ref)
 
 
 def test_child_is_recycled_and_worker_memory_stays_flat(video_cfg, synthetic):

@@ -52,12 +52,13 @@ def test_appearance_matrix_matches_numpy_on_known_features():
 def test_appearance_matrix_is_cosine_similarity_symmetric_unit_diagonal():
     rng = np.random.default_rng(1)
     feats = rng.normal(size=(32, 384)).astype(np.float32) * rng.uniform(0.1, 50, size=(32, 1))
+    feats[5], feats[6] = feats[3] * 7.3, feats[3] * -0.01  # same look as frame 3, and its opposite
     a = appearance_matrix(feats)
     g = feats / np.linalg.norm(feats, axis=1, keepdims=True)
     np.testing.assert_allclose(a, g @ g.T, atol=1e-5)
     assert np.array_equal(a, a.T)  # exactly, not just approximately
     assert np.all(np.diag(a) == 1.0)
-    assert a.min() >= -1.0 and a.max() <= 1.0
+    assert (a[3, 5], a[5, 3], a[3, 6], a[6, 5]) == (1.0, 1.0, -1.0, -1.0)  # cosines of ±1, exactly
 
 
 def test_appearance_factor_of_a_static_clip_is_zero():

@@ -1,34 +1,22 @@
-"""Helpers of the fault-tolerance tests and `bench/faults.py`: a hostile corpus, the prep job as
-a subprocess (its own process group, so a test can SIGKILL it and clean up exactly what it
-started), and checks of an output root (every row accounted for, safe tar members, no pickles).
+"""The hostile corpus of the fault tests and `bench/faults.py` (issue 8): ~55 rows of broken
+and odd media and captions, each with its one exact expected outcome.
+
+An expectation is "ok" or "failed:<reason>". Nothing is "either": a row whose outcome is not
+known is not a test. `write_video` encodes frames with PyAV (any codec, pixel format, irregular
+timestamps) for other tests too.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import tarfile
-import time
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-REPO = Path(__file__).resolve().parents[2]
-TINY = str(REPO / "configs" / "prep" / "tiny.yaml")
-MEMBER = r"^[0-9a-f]+\.[a-z0-9_.]+$"  # `<hex key>.<ext>`: no folders, no '..', no leading dot
 
-
-# ---------------------------------------------------------------- hostile corpus
-
-
-def _write_video(
+def write_video(
     path: Path, frames: np.ndarray, codec: str, pix_fmt: str, options: dict, pts_ms: list[int] | None = None
 ) -> None:
     """Encode RGB frames; with `pts_ms` the frames get those (irregular) timestamps."""
@@ -52,7 +40,7 @@ def _write_video(
             container.mux(packet)
 
 
-def _moving(n: int, height: int, width: int, seed: int) -> np.ndarray:
+def moving(n: int, height: int, width: int, seed: int) -> np.ndarray:
     from preprocessing.synthetic import render_clip
 
     return render_clip(np.random.default_rng(seed), width, height, n, 24.0, 80.0, (1, 0), 0.3)[0]
@@ -64,7 +52,7 @@ X264 = {"preset": "ultrafast", "crf": "20"}
 def build_hostile_corpus(root: Path) -> dict:
     """Writes media + `videos.parquet` / `images.parquet` under `root`. Returns
     {"videos": path, "images": path, "expect": {kind: [expectation per row]}, "kinds": [...]}
-    where an expectation is "ok", "failed" (any reason code) or "failed:<reason>"."""
+    where an expectation is "ok" or "failed:<reason>"."""
     from PIL import Image
 
     from preprocessing.synthetic import _png_bomb, generate
@@ -93,8 +81,8 @@ def build_hostile_corpus(root: Path) -> dict:
         kinds.append(kind)
         return str(odd / name)
 
-    clip = _moving(16, 64, 96, 1)
-    _write_video(
+    clip = moving(16, 64, 96, 1)
+    write_video(
         odd / "tenbit.mkv",
         clip,
         "libx265",
@@ -102,17 +90,21 @@ def build_hostile_corpus(root: Path) -> dict:
         {"preset": "ultrafast", "x265-params": "log-level=none"},
     )
     video("tenbit.mkv", "a ten bit hevc clip", "ok", "10-bit yuv420p10le hevc")
-    _write_video(odd / "yuv444.mp4", clip, "libx264", "yuv444p", X264)
+    write_video(odd / "yuv444.mp4", clip, "libx264", "yuv444p", X264)
     video("yuv444.mp4", "a 4:4:4 h264 clip", "ok", "4:4:4 h264")
     pts = [int(t) for t in np.cumsum([0, 10, 90, 15, 200, 30, 30, 120, 5, 60, 40, 300, 20, 20, 70, 45])]
-    _write_video(odd / "vfr.mkv", clip, "libx264", "yuv420p", X264, pts_ms=pts)
+    write_video(odd / "vfr.mkv", clip, "libx264", "yuv420p", X264, pts_ms=pts)
     video("vfr.mkv", "a variable frame rate clip", "ok", "variable frame rate")
-    _write_video(odd / "wide.mp4", _moving(12, 16, 2000, 2), "libx264", "yuv420p", X264)
+    write_video(odd / "wide.mp4", moving(12, 16, 2000, 2), "libx264", "yuv420p", X264)
     video("wide.mp4", "a 2000x16 strip", "ok", "extreme aspect video 2000x16")
-    _write_video(odd / "tiny.mp4", _moving(12, 16, 16, 3)[:, 4:12, 4:12].copy(), "libx264", "yuv444p", X264)
-    # "any": decord rejects small square frames ("Check failed: from_size == to_size") and the
-    # decoder has no PyAV fallback, so this valid clip fails as decode_error (reported, issue 8).
-    video("tiny.mp4", "an 8x8 clip", "any", "tiny 8x8 video")
+    # decord's get_batch refuses frames 8, 16 or 24 pixels wide ("Check failed: from_size ==
+    # to_size"); the decoder child then decodes them with PyAV (issue 11).
+    tiny = moving(12, 32, 32, 3)
+    for side, pix_fmt in ((8, "yuv444p"), (16, "yuv420p"), (24, "yuv420p")):
+        lo = (32 - side) // 2
+        square = tiny[:, lo : lo + side, lo : lo + side].copy()
+        write_video(odd / f"tiny{side}.mp4", square, "libx264", pix_fmt, X264)
+        video(f"tiny{side}.mp4", f"a {side}x{side} clip", "ok", f"tiny {side}x{side} video")
     shutil.copy(good_mp4, odd / "really_mp4.avi")
     video("really_mp4.avi", "an mp4 named .avi", "ok", "wrong extension (mp4 as .avi)")
     noext = odd / "no_extension"
@@ -123,9 +115,10 @@ def build_hostile_corpus(root: Path) -> dict:
     mid = len(data) // 3
     data[mid : mid + 2048] = rng.integers(0, 256, 2048, dtype=np.uint8).tobytes()
     (odd / "garbled_middle.mp4").write_bytes(bytes(data))
-    video("garbled_middle.mp4", "random bytes in the middle of the stream", "any", "garbled mid-stream")
+    # The garbage lands in the frames decord must decode: ffmpeg answers AVERROR_INVALIDDATA.
+    video("garbled_middle.mp4", "random bytes mid-stream", "failed:decode_error", "garbled mid-stream")
     (odd / "a_folder.mp4").mkdir(exist_ok=True)
-    video("a_folder.mp4", "a directory, not a file", "failed", "directory as source")
+    video("a_folder.mp4", "a directory, not a file", "failed:missing_file", "directory as source")
     weird = odd / "we ird\tname ünï 😀 ;rm -rf.mp4"
     shutil.copy(good_mp4, weird)
     video(weird.name, "a file name with spaces, tab, unicode, shell chars", "ok", "hostile file name")
@@ -140,10 +133,10 @@ def build_hostile_corpus(root: Path) -> dict:
     ]:
         name = f"cap{len(kinds)}.mp4"
         shutil.copy(good_mp4, odd / name)
-        expect = "failed:bad_caption" if caption.strip() == "" else "any"
+        expect = "failed:bad_caption" if caption.strip() == "" else "ok"
         video(name, caption, expect, kind)
     # Path-like sources: the key is a digest, so these must not reach tar member names.
-    video("../odd/./cap_dup.mp4", "dotted path", "any", "source with ../ and ./")
+    video("../odd/./cap_dup.mp4", "dotted path", "ok", "source with ../ and ./")
     shutil.copy(good_mp4, odd / "cap_dup.mp4")
     # Duplicate rows next to each other (same shard with samples_per_shard >= 2).
     video("cap_dup.mp4", "a duplicate row", "ok", "duplicate row (first)")
@@ -168,12 +161,12 @@ def build_hostile_corpus(root: Path) -> dict:
     _png16_rgb(odd / "rgb16.png", rgb16)
     image("rgb16.png", "a 16-bit RGB png", "ok", "16-bit RGB png")
     (odd / "bomb_wide.png").write_bytes(_png_bomb(1_000_000, 200))
-    image("bomb_wide.png", "a 200M pixel strip bomb", "failed", "decompression bomb (wide)")
+    image("bomb_wide.png", "a 200M pixel strip bomb", "failed:image_bomb", "decompression bomb (wide)")
     frames = [Image.fromarray(np.roll(base, 8 * i, axis=1)) for i in range(3)]
     frames[0].save(odd / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
-    image("anim.gif", "an animated gif", "any", "animated gif as image")
-    _write_video(odd / "video_as_image.mp4", clip[:4], "libx264", "yuv420p", X264)
-    image("video_as_image.mp4", "a video in the image column", "failed", "video in image column")
+    image("anim.gif", "an animated gif", "ok", "animated gif as image")
+    write_video(odd / "video_as_image.mp4", clip[:4], "libx264", "yuv420p", X264)
+    image("video_as_image.mp4", "a video in the image column", "failed:bad_image", "video in image column")
     images.append((None, "no source at all", "failed:missing_file"))
     kinds.append("empty source column")
 
@@ -204,132 +197,3 @@ def _png16_rgb(path: Path, rgb16: np.ndarray) -> None:
     )
 
 
-# ---------------------------------------------------------------- running the job
-
-
-def prep_cmd(out: str, videos: str | None = None, images: str | None = None, *extra: str) -> list[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.prep",
-        "--out",
-        out,
-        "--config",
-        TINY,
-        "execution.progress=false",
-        "execution.local_cpus=2",
-        *extra,
-    ]
-    if videos:
-        cmd += ["--videos", videos]
-    if images:
-        cmd += ["--images", images]
-    return cmd
-
-
-def start(cmd: list[str], log: Path) -> subprocess.Popen:
-    """The job in its own session/process group: `stop_group` ends it and every process it
-    started (Ray's GCS, raylet, workers, decoder children), nothing else."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_DISABLE_USAGE_STATS"] = "1"
-    return subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=60)
-
-
-def group_pids(proc: subprocess.Popen) -> list[int]:
-    import psutil
-
-    pids = []
-    for p in psutil.process_iter(["pid"]):
-        try:
-            if os.getsid(p.info["pid"]) == proc.pid:
-                pids.append(p.info["pid"])
-        except (ProcessLookupError, PermissionError):
-            pass
-    return pids
-
-
-def wait_group_gone(proc: subprocess.Popen, timeout: float = 60.0) -> list[str]:
-    """Processes of the job's session still alive after `timeout` s (then killed)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and group_pids(proc):
-        time.sleep(0.5)
-    import psutil
-
-    left = []
-    for pid in group_pids(proc):
-        try:
-            left.append(f"{pid} {' '.join(psutil.Process(pid).cmdline())[:120]}")
-        except psutil.Error:
-            pass
-    stop_group(proc)
-    return left
-
-
-def run(cmd: list[str], log: Path, timeout: float = 480) -> int:
-    proc = start(cmd, log)
-    try:
-        return proc.wait(timeout=timeout)
-    finally:
-        stop_group(proc)
-
-
-def wait_for(cond, timeout: float, proc: subprocess.Popen | None = None, what: str = "") -> None:
-    deadline = time.time() + timeout
-    while not cond():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"job exited ({proc.returncode}) before {what}")
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-# ---------------------------------------------------------------- checking an output
-
-
-def status_rows(out: Path, kind: str) -> pd.DataFrame:
-    files = sorted((out / kind).glob("*.parquet"))
-    return pd.concat([pd.read_parquet(p) for p in files], ignore_index=True) if files else pd.DataFrame()
-
-
-def tar_members(data: bytes) -> list[tuple[str, bytes]]:
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        return [(m.name, tar.extractfile(m).read() if m.isfile() else b"") for m in tar.getmembers()]
-
-
-def check_members(members: list[tuple[str, bytes]]) -> list[str]:
-    """Every member `<hex key>.<ext>`, each .npy loads without pickle. Returns sample keys."""
-    import re
-
-    keys: list[str] = []
-    for name, data in members:
-        assert re.match(MEMBER, name) and "/" not in name and ".." not in name, name
-        if name.endswith(".npy"):
-            np.load(io.BytesIO(data), allow_pickle=False)
-        if name.endswith(".json"):
-            json.loads(data)
-        key = name.split(".", 1)[0]
-        if not keys or keys[-1] != key:
-            keys.append(key)
-    return keys
-
-
-def tar_bytes(out: Path) -> dict[str, bytes]:
-    return {f"{p.parent.name}/{p.name}": p.read_bytes() for p in sorted(out.glob("*/*.tar"))}
-
-
-def status_tables(out: Path) -> dict[str, list]:
-    """Status parquet contents per shard (the bytes may differ only in parquet metadata)."""
-    return {
-        f"{p.parent.name}/{p.name}": pd.read_parquet(p).to_dict("records")
-        for p in sorted(out.glob("*/*.parquet"))
-    }
