@@ -19,7 +19,7 @@ from model.unet import middle_frame_prior
 from training import checkpoint as ckpt_lib
 from training import setup
 from training.config import TrainConfig
-from training.data import RoleLoader
+from training.data import RoleLoader, reduce_bad
 from training.metrics import MetricsLog, count_train_flops, peak_flops, reduce_step
 from training.optim import (
     EMA,
@@ -96,15 +96,7 @@ class Trainer:
         )
         self.ema = EMA(self.engine.module, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
         self.generator = torch.Generator().manual_seed(rank_seed(cfg.data.seed, self.rank))
-        self.loader = RoleLoader(
-            self.plan.shards[self.role.role],
-            self.role,
-            self.plan.frames,
-            cfg.data.seed,
-            cfg.data.num_workers,
-            cfg.data.prefetch_factor,
-            cfg.data.storage_options,
-        )
+        self.loader = RoleLoader(self.plan.sources[self.role.role], self.role, cfg.data)
         if self.resume.path is not None:
             self._load()
         self.metrics = MetricsLog(self.output, self.rank == 0, cfg.train.tensorboard, cfg.train.log_every)
@@ -136,6 +128,8 @@ class Trainer:
             # New topology: streams and RNGs are re-derived from (seed, rank, step): deterministic
             # for a given checkpoint and world size; shards are drawn with replacement anyway.
             self.loader.reseed(generation=self.step)
+            self.log(f"[train] data streams re-derived from seed {self.cfg.data.seed} and step {self.step} "
+                     f"(new world size or roles: saved loader positions do not carry over)")
             seed = rank_seed(self.cfg.data.seed, self.rank, self.step)
             self.generator.manual_seed(seed)
             torch.manual_seed(seed)
@@ -221,6 +215,7 @@ class Trainer:
             flops=self.flops or 0.0,
             bad=sum(self.loader.bad.values()),
         )
+        bad_by_reason = reduce_bad(self.loader.bad, self.device)
         norm = self.engine.get_global_grad_norm()
         total = red["samples_image"] + red["samples_video"]
         record = {
@@ -234,7 +229,9 @@ class Trainer:
             "samples_per_s_video": red["samples_video"] / red["step_time"],
             "data_wait_fraction": red["data_wait_fraction"],
             "step_time": red["step_time"],
-            "bad_samples": red["bad"],
+            "bad_samples": sum(n for k, n in bad_by_reason.items() if k != "bad_shard"),
+            "bad_shards": bad_by_reason.get("bad_shard", 0),
+            "bad_by_reason": bad_by_reason,
         }
         peak = peak_flops()
         if peak and red["flops"]:
