@@ -134,6 +134,45 @@ def test_bad_inputs_fail_before_training(tmp_path):
         list_shards(str(tmp_path / "c"), "video")
 
 
+def test_dataset_json_disagreeing_with_the_config_stops_before_training(tmp_path):
+    """Each message names the field on both sides and the flag to change."""
+    cfg = load_config(TrainConfig, TINY)
+    data = make_dataset(tmp_path / "d", kinds=("video",))
+    assert plan_data(cfg, str(data), world_size=1).frames == 8
+
+    def fails(override: dict, *train: str) -> str:
+        doc = json.loads((data / "dataset.json").read_text())
+        for dotted, value in override.items():
+            *path, last = dotted.split(".")
+            node = doc
+            for p in path:
+                node = node[p]
+            node[last] = value
+        root = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(data, root)
+        (root / "dataset.json").write_text(json.dumps(doc))
+        with pytest.raises(DataError) as err:
+            plan_data(load_config(TrainConfig, TINY, list(train)), str(root), world_size=1)
+        return str(err.value)
+
+    msg = fails({"output_config.video.frames": 16})
+    assert "video.frames=16" in msg and "unet.frames=8" in msg and "set unet.frames=16" in msg
+    msg = fails({"output_config.models.vae": "stabilityai/stable-diffusion-2-1"})
+    assert "models.vae='stabilityai/stable-diffusion-2-1'" in msg and "model.vae='tiny'" in msg
+    assert "set model.vae=stabilityai/stable-diffusion-2-1" in msg
+    msg = fails({}, "unet.context_dim=32")  # the shards hold 64-wide text tokens
+    assert "unet.context_dim=32" in msg and "set unet.context_dim=64" in msg
+    msg = fails({}, "model.text=ViT-H-14:laion2b_s32b_b79k")
+    assert "models.text='tiny'" in msg and "model.text='ViT-H-14:laion2b_s32b_b79k'" in msg
+    msg = fails({"output_config.video.width": 256})  # latents would be [8,4,8,32]
+    assert "bad_shape" in msg and "(8, 4, 8, 32)" in msg
+    msg = fails({"format_version": 2})
+    assert "format_version is 2" in msg
+    (data / "dataset.json").unlink()
+    with pytest.raises(DataError, match="no dataset.json"):
+        plan_data(cfg, str(data), world_size=1)
+
+
 def test_cli_reports_bad_input_before_the_first_step(tmp_path, dataset):
     out = tmp_path / "run"
     cmd = [
