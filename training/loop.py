@@ -128,8 +128,6 @@ class Trainer:
             # New topology: streams and RNGs are re-derived from (seed, rank, step): deterministic
             # for a given checkpoint and world size; shards are drawn with replacement anyway.
             self.loader.reseed(generation=self.step)
-            self.log(f"[train] data streams re-derived from seed {self.cfg.data.seed} and step {self.step} "
-                     f"(new world size or roles: saved loader positions do not carry over)")
             seed = rank_seed(self.cfg.data.seed, self.rank, self.step)
             self.generator.manual_seed(seed)
             torch.manual_seed(seed)
