@@ -16,6 +16,7 @@ from shards import make_dataset, record, write_dataset_json, write_shard
 from trainlib import REPO, TINY, env
 
 from core.config import ConfigError, load_config
+from core.shards import npy_bytes
 from training import checkpoint as ckpt
 from training.config import DataConfig, RolesConfig, TrainConfig
 from training.data import RoleLoader
@@ -190,6 +191,39 @@ def test_cli_reports_bad_input_before_the_first_step(tmp_path, dataset):
     assert done.returncode != 0
     assert "roles.image_ranks" in done.stderr and "only 1 ranks" in done.stderr
     assert not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_bad_samples_reach_metrics_and_console(tmp_path):
+    """A data root with NaN latents and a JSON list: training runs, metrics.jsonl counts them."""
+    rng = np.random.default_rng(0)
+    data = make_dataset(tmp_path / "data", kinds=("video",), video_shards=1, per_shard=4)
+    samples = [record("video", 100 + i, rng) for i in range(4)]
+    nan = np.full((8, 4, 8, 16), np.nan, np.float16)
+    samples[1] = [(n, npy_bytes(nan) if n.endswith("latents.npy") else b) for n, b in samples[1]]
+    samples[2] = [(n, b"[1]" if n.endswith(".json") else b) for n, b in samples[2]]
+    write_shard(data / "videos" / "000001.tar", samples)
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "training/train.py",
+        "--config",
+        str(TINY),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--max-steps",
+        "3",
+        "train.tensorboard=false",
+        "data.num_workers=0",
+        "data.shuffle_shards=1",  # file order: 3 steps of 2 read every sample of both shards
+    ]
+    done = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["bad_by_reason"] == {"non_finite": 1, "bad_json": 1} and last["bad_samples"] == 2
+    assert "[data] video rank 0: skipped" in done.stdout and "non_finite" in done.stdout
 
 
 def fake_checkpoint(root: Path, step: int, world: int = 2, complete: bool = True) -> Path:
