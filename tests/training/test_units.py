@@ -45,6 +45,9 @@ def test_more_image_ranks_than_ranks_is_a_config_error():
 def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="optim.grad_decay_mode"):
         load_config(TrainConfig, TINY, ["optim.grad_decay_mode=some"])
+    for override in ("data.shuffle_shards=0", "data.max_member_bytes=0", "data.read_retries=-1"):
+        with pytest.raises(ConfigError, match=override.split("=")[0]):
+            load_config(TrainConfig, TINY, [override])
     with pytest.raises(ConfigError, match="deepspeed.zero_stage"):
         load_config(TrainConfig, TINY, ["deepspeed.zero_stage=4"])
     with pytest.raises(ConfigError, match="optim.ema_decay"):
