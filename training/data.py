@@ -289,16 +289,16 @@ class RoleLoader:
             self.batches, self.positions = int(state["batches"]), positions
         else:
             generation = 1 + max(int(p.get("generation", 0)) for p in positions.values())
-            print(
-                f"[data] {self.role.role} rank {self.role.role_rank}: saved loader state has another "
-                f"layout (shuffle settings or workers changed): streams re-derived",
-                flush=True,
-            )
-            self.reseed(generation)
+            self.reseed(generation, "the saved loader state has another layout (shuffle settings or workers)")
         self._iter = None
 
-    def reseed(self, generation: int) -> None:
+    def reseed(self, generation: int, why: str = "new world size or rank roles") -> None:
         """Fresh deterministic streams (a new world size cannot continue the old positions)."""
+        print(
+            f"[data] {self.role.role} rank {self.role.role_rank}: streams re-derived from seed "
+            f"{self.cfg.seed}, generation {generation} ({why})",
+            flush=True,
+        )
         self.positions = self._fresh(generation)
         self.batches = 0
         self._iter = None

@@ -17,6 +17,7 @@ from shards import make_dataset, record, write_dataset_json, write_shard
 from trainlib import REPO, TINY, env
 
 from core.config import ConfigError, load_config
+from core.shards import npy_bytes
 from training import checkpoint as ckpt
 from training.config import DataConfig, RolesConfig, TrainConfig
 from training.data import RoleLoader
@@ -45,6 +46,9 @@ def test_more_image_ranks_than_ranks_is_a_config_error():
 def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="optim.grad_decay_mode"):
         load_config(TrainConfig, TINY, ["optim.grad_decay_mode=some"])
+    for override in ("data.shuffle_shards=0", "data.max_member_bytes=0", "data.read_retries=-1"):
+        with pytest.raises(ConfigError, match=override.split("=")[0]):
+            load_config(TrainConfig, TINY, [override])
     with pytest.raises(ConfigError, match="deepspeed.zero_stage"):
         load_config(TrainConfig, TINY, ["deepspeed.zero_stage=4"])
     with pytest.raises(ConfigError, match="optim.ema_decay"):
@@ -92,17 +96,15 @@ def test_corrupt_shard_is_skipped_and_counted(tmp_path):
     bad = data / "videos" / "000001.tar"
     bad.write_bytes(bad.read_bytes()[:3000] + b"garbage" * 100)  # truncated mid-member
     (data / "videos" / "000002.tar").write_bytes(b"not a tar at all")
-    (data / "videos" / "000002.json").write_text('{"ok": 4}')
+    (data / "videos" / "000002.json").write_text("{}")  # no ok count: drawn as size 1
     src = load_source(str(data), "video", text_dim=64)
-    loader = RoleLoader(
-        src, assign_role(RolesConfig(video_micro_batch=2), 0, 1), DataConfig(seed=1, num_workers=0)
-    )
-    # 24 samples, all from the one readable shard (every one of its 4), nothing from the others.
-    got = [next(loader) for _ in range(12)]
-    assert all(b["latents"].shape == (2, 4, 8, 8, 16) for b in got)
-    captions = Counter(c for b in got for c in b["caption"])
-    assert set(captions) == {f"a video number {i}" for i in range(4)} and sum(captions.values()) == 24
-    assert loader.bad["bad_shard"] > 0
+    role = assign_role(RolesConfig(video_micro_batch=2), 0, 1)
+    loader = RoleLoader(src, role, DataConfig(seed=1, num_workers=0, shuffle_shards=1))
+    # 24 samples = 6 epochs over the one readable shard: all of it each epoch, nothing else.
+    captions = Counter(c for _ in range(12) for c in next(loader)["caption"])
+    assert captions == {f"a video number {i}": 6 for i in range(4)}
+    # both bad shards once per epoch (those of the last epoch may come after its last batch)
+    assert set(loader.bad) == {"bad_shard"} and 10 <= loader.bad["bad_shard"] <= 12
 
 
 def test_bad_sample_counted_with_reason(tmp_path):
@@ -138,6 +140,45 @@ def test_bad_inputs_fail_before_training(tmp_path):
         list_shards(str(tmp_path / "c"), "video")
 
 
+def test_dataset_json_disagreeing_with_the_config_stops_before_training(tmp_path):
+    """Each message names the field on both sides and the flag to change."""
+    cfg = load_config(TrainConfig, TINY)
+    data = make_dataset(tmp_path / "d", kinds=("video",))
+    assert plan_data(cfg, str(data), world_size=1).frames == 8
+
+    def fails(override: dict, *train: str) -> str:
+        doc = json.loads((data / "dataset.json").read_text())
+        for dotted, value in override.items():
+            *path, last = dotted.split(".")
+            node = doc
+            for p in path:
+                node = node[p]
+            node[last] = value
+        root = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(data, root)
+        (root / "dataset.json").write_text(json.dumps(doc))
+        with pytest.raises(DataError) as err:
+            plan_data(load_config(TrainConfig, TINY, list(train)), str(root), world_size=1)
+        return str(err.value)
+
+    msg = fails({"output_config.video.frames": 16})
+    assert "video.frames=16" in msg and "unet.frames=8" in msg and "set unet.frames=16" in msg
+    msg = fails({"output_config.models.vae": "stabilityai/stable-diffusion-2-1"})
+    assert "models.vae='stabilityai/stable-diffusion-2-1'" in msg and "model.vae='tiny'" in msg
+    assert "set model.vae=stabilityai/stable-diffusion-2-1" in msg
+    msg = fails({}, "unet.context_dim=32")  # the shards hold 64-wide text tokens
+    assert "unet.context_dim=32" in msg and "set unet.context_dim=64" in msg
+    msg = fails({}, "model.text=ViT-H-14:laion2b_s32b_b79k")
+    assert "models.text='tiny'" in msg and "model.text='ViT-H-14:laion2b_s32b_b79k'" in msg
+    msg = fails({"output_config.video.width": 256})  # latents would be [8,4,8,32]
+    assert "bad_shape" in msg and "(8, 4, 8, 32)" in msg
+    msg = fails({"format_version": 2})
+    assert "format_version is 2" in msg
+    (data / "dataset.json").unlink()
+    with pytest.raises(DataError, match="no dataset.json"):
+        plan_data(cfg, str(data), world_size=1)
+
+
 def test_cli_reports_bad_input_before_the_first_step(tmp_path, dataset):
     out = tmp_path / "run"
     cmd = [
@@ -155,6 +196,39 @@ def test_cli_reports_bad_input_before_the_first_step(tmp_path, dataset):
     assert done.returncode != 0
     assert "roles.image_ranks" in done.stderr and "only 1 ranks" in done.stderr
     assert not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_bad_samples_reach_metrics_and_console(tmp_path):
+    """A data root with NaN latents and a JSON list: training runs, metrics.jsonl counts them."""
+    rng = np.random.default_rng(0)
+    data = make_dataset(tmp_path / "data", kinds=("video",), video_shards=1, per_shard=4)
+    samples = [record("video", 100 + i, rng) for i in range(4)]
+    nan = np.full((8, 4, 8, 16), np.nan, np.float16)
+    samples[1] = [(n, npy_bytes(nan) if n.endswith("latents.npy") else b) for n, b in samples[1]]
+    samples[2] = [(n, b"[1]" if n.endswith(".json") else b) for n, b in samples[2]]
+    write_shard(data / "videos" / "000001.tar", samples)
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "training/train.py",
+        "--config",
+        str(TINY),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--max-steps",
+        "3",
+        "train.tensorboard=false",
+        "data.num_workers=0",
+        "data.shuffle_shards=1",  # file order: 3 steps of 2 read every sample of both shards
+    ]
+    done = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["bad_by_reason"] == {"non_finite": 1, "bad_json": 1} and last["bad_samples"] == 2
+    assert "[data] video rank 0: skipped" in done.stdout and "non_finite" in done.stdout
 
 
 def fake_checkpoint(root: Path, step: int, world: int = 2, complete: bool = True) -> Path:
