@@ -19,6 +19,7 @@ from pipeline.config import PrepConfig
 from pipeline.manifest import ManifestError
 from pipeline.runner import JobArgs, JobError, PrepJob
 from pipeline.storage import OutputError
+from pipeline.untrusted import DEFAULT_REDACT_PARAMS, redact_text
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         summary = PrepJob(cfg, job).run()
     except (ConfigError, ManifestError, OutputError, JobError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_text(str(exc), DEFAULT_REDACT_PARAMS)}", file=sys.stderr)
         return 2
     print(summary.table())
     return 0 if summary.complete else 1

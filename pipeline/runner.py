@@ -30,6 +30,7 @@ from pipeline.manifest import Manifest, SeenSources, ShardPlanner
 from pipeline.shard import EncoderActor, ShardTask
 from pipeline.storage import KINDS, OutputStore, json_bytes
 from pipeline.summary import KindStats, Summary
+from pipeline.untrusted import redact_url
 
 
 class JobError(RuntimeError):
@@ -93,6 +94,7 @@ class Preflight:
             )
         for kind, url in self.args.manifests().items():
             before = (old.get("manifests") or {}).get(kind)
+            url = url and redact_url(url, self.cfg.manifest.redact_query_params)  # as stored
             if url and before and before != url:
                 raise JobError(
                     f"{self.args.out}/{kind} was written from manifest {before}, not {url}; "
@@ -225,7 +227,11 @@ class Finalize:
         self, totals: dict[str, Any] | None, model_ids: dict | None, complete: bool
     ) -> None:
         old = self.store.read_json(self.store.path("dataset.json")) or {}
-        manifests = {k: v or (old.get("manifests") or {}).get(k) for k, v in self.args.manifests().items()}
+        params = self.cfg.manifest.redact_query_params  # a presigned manifest URL is stored redacted
+        manifests = {
+            k: (v and redact_url(v, params)) or (old.get("manifests") or {}).get(k)
+            for k, v in self.args.manifests().items()
+        }
         doc = dict(
             format_version=FORMAT_VERSION,
             fingerprint=self.fingerprint,

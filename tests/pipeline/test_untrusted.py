@@ -1,0 +1,382 @@
+"""Untrusted manifests (issue 16), in-process: local paths confined to their roots, protocols,
+internal addresses (every redirect hop, after DNS, no rebinding), the whole-download deadline,
+X-Robots-Tag opt-outs, signed-URL redaction, and the config errors.
+
+Every server binds loopback: 127.0.0.1 is the "public" media host, 127.0.0.2 the "internal"
+one, blocked with `http.blocked_networks=[127.0.0.2/32]`. Names like `*.test` are resolved by a
+patched `socket.getaddrinfo` (no DNS query leaves the process)."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from core.config import ConfigError, load_config
+from core.shard_format import REASONS, SampleError, sample_key
+from pipeline.config import PrepConfig
+from pipeline.fetch import Fetcher
+from pipeline.manifest import Manifest, ManifestError, ShardPlanner
+from pipeline.untrusted import (
+    AddressPolicy,
+    SourcePolicy,
+    opted_out,
+    redact_text,
+    redact_url,
+)
+from testing.hostile_http import HostileHTTP
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = str(REPO / "configs" / "prep" / "tiny.yaml")
+INTERNAL_ONLY = "http.blocked_networks=[127.0.0.2/32]"  # 127.0.0.1 is the allowed media host
+
+
+def png_bytes() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def http_cfg(*overrides: str):
+    return load_config(PrepConfig, TINY, ["http.retries=0", "http.timeout_s=1", *overrides]).http
+
+
+@pytest.fixture
+def servers():
+    """(public server on 127.0.0.1, internal server on 127.0.0.2)."""
+    with HostileHTTP("127.0.0.1") as public, HostileHTTP("127.0.0.2") as internal:
+        internal.route("/secret", body=b"the metadata service's credentials")
+        yield public, internal
+
+
+def fail(fetcher: Fetcher, url: str) -> SampleError:
+    with pytest.raises(SampleError) as info:
+        fetcher.fetch(url)
+    return info.value
+
+
+def test_new_reason_codes_are_registered():
+    assert {"forbidden_path", "blocked_address", "opted_out"} <= set(REASONS)
+
+
+# ------------------------------------------------------------------------- addresses
+
+
+def test_default_blocklist_covers_internal_ranges_and_their_spellings():
+    cfg = load_config(PrepConfig, TINY).http
+    policy = AddressPolicy.from_config(cfg.blocked_networks, cfg.allowed_networks)
+    internal = [
+        "127.0.0.1", "127.8.9.10", "0.0.0.0", "10.1.2.3", "172.16.0.1", "172.31.255.254",
+        "192.168.1.1", "169.254.169.254", "100.64.0.1", "100.100.100.200", "224.0.0.251",
+        "255.255.255.255", "::1", "::", "fc00::1", "fd00:ec2::254", "fe80::1", "fe80::1%eth0",
+        "ff02::1", "::ffff:127.0.0.1", "::ffff:169.254.169.254", "::ffff:10.0.0.1",
+        "2002:a9fe:a9fe::1", "64:ff9b::a9fe:a9fe", "::127.0.0.1",
+    ]  # fmt: skip
+    assert [a for a in internal if policy.blocked_by(a) is None] == []
+    # Public addresses pass (a pure computation: nothing is contacted).
+    public = ["93.184.216.34", "8.8.8.8", "172.32.0.1", "100.128.0.1", "2606:4700::1", "::ffff:8.8.8.8"]
+    assert [a for a in public if policy.blocked_by(a) is not None] == []
+    assert str(policy.blocked_by("::ffff:169.254.169.254")) == "169.254.0.0/16"
+
+
+def test_allowed_networks_carve_exceptions():
+    policy = AddressPolicy.from_config(["127.0.0.0/8", "10.0.0.0/8"], ["127.0.0.1/32"])
+    assert policy.blocked_by("127.0.0.1") is None and policy.blocked_by("::ffff:127.0.0.1") is None
+    assert str(policy.blocked_by("127.0.0.2")) == "127.0.0.0/8"
+    assert policy.blocked_by("10.0.0.1") is not None
+
+
+def test_blocked_host_is_never_contacted(servers):
+    public, internal = servers
+    fetcher = Fetcher(http_cfg(INTERNAL_ONLY))
+    for url in (
+        internal.url("/secret"),
+        internal.url("/secret").replace("127.0.0.2", "[::ffff:127.0.0.2]"),  # IPv4-mapped IPv6
+        internal.url("/secret").replace("127.0.0.2", "2130706434"),  # 127.0.0.2 as one number
+    ):
+        error = fail(fetcher, url)
+        assert error.reason == "blocked_address", (url, error.detail)
+        assert "127.0.0.2" in error.detail and "http.allowed_networks" in error.detail
+    assert internal.hits["/secret"] == 0
+
+
+def test_redirect_to_internal_is_refused_on_every_hop(servers, monkeypatch):
+    public, internal = servers
+    port = internal.server.server_address[1]
+    names = {"internal.test": "127.0.0.2", "cdn.test": "127.0.0.1"}
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: real(names.get(host, host), *a, **k))
+    png = png_bytes()
+    public.route("/a.png", body=png)
+    public.route("/hop1", status=302, headers={"Location": "/hop2"})
+    public.route("/hop2", status=301, headers={"Location": internal.url("/secret")})
+    public.route("/by-name", status=307, headers={"Location": f"http://internal.test:{port}/secret"})
+    public.route(
+        "/fine", status=302, headers={"Location": public.url("/a.png").replace("127.0.0.1", "cdn.test")}
+    )
+    public.route("/to-file", status=302, headers={"Location": "file:///etc/passwd"})
+    fetcher = Fetcher(http_cfg(INTERNAL_ONLY))
+    assert fail(fetcher, public.url("/hop1")).reason == "blocked_address"
+    assert fail(fetcher, public.url("/by-name")).reason == "blocked_address"
+    assert fail(fetcher, public.url("/to-file")).reason == "forbidden_path"
+    assert internal.hits["/secret"] == 0
+    assert fetcher.fetch(public.url("/fine")) == png  # redirects between allowed hosts still work
+
+
+def test_dns_rebinding_cannot_reach_the_internal_host(servers, monkeypatch):
+    """The name is resolved once per hop and the socket goes to the address that was checked:
+    an answer that turns internal after the check is never used."""
+    public, internal = servers
+    png = png_bytes()
+    public.route("/a.png", body=png)
+    internal.route("/a.png", body=b"internal data")
+    answers = ["127.0.0.1"]  # first answer public, every later one internal
+    real = socket.getaddrinfo
+
+    def rebinding(host, *args, **kwargs):
+        if host == "rebind.test":
+            host = answers.pop(0) if answers else "127.0.0.2"
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    port = public.server.server_address[1]
+    fetcher = Fetcher(http_cfg(INTERNAL_ONLY))
+    assert fetcher.fetch(f"http://rebind.test:{port}/a.png") == png
+    assert internal.hits["/a.png"] == 0
+    # Now it resolves to the internal address only: refused before connecting.
+    assert fail(fetcher, f"http://rebind.test:{port}/a.png").reason == "blocked_address"
+    assert internal.hits["/a.png"] == 0
+
+
+def test_a_name_with_internal_and_public_addresses_connects_to_the_public_one(servers, monkeypatch):
+    public, internal = servers
+    png = png_bytes()
+    public.route("/a.png", body=png)
+    internal.route("/a.png", body=b"internal data")
+    real = socket.getaddrinfo
+
+    def both(host, port, *args, **kwargs):
+        if host == "mixed.test":
+            return real("127.0.0.2", port, *args, **kwargs) + real("127.0.0.1", port, *args, **kwargs)
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", both)
+    port = public.server.server_address[1]
+    assert Fetcher(http_cfg(INTERNAL_ONLY)).fetch(f"http://mixed.test:{port}/a.png") == png
+    assert internal.hits["/a.png"] == 0
+
+
+# ------------------------------------------------------------------------- deadline, opt-outs
+
+
+def test_dripping_body_fails_timeout_within_the_whole_download_deadline(servers):
+    public, _ = servers
+    # 0.05 s between bytes never trips a per-read timeout of 1 s: only a whole-download bound can.
+    public.route("/drip.png", body=png_bytes(), drip_s=0.05)
+    error = fail(Fetcher(http_cfg(INTERNAL_ONLY)), public.url("/drip.png"))
+    assert error.reason == "timeout" and "http.timeout_s=1" in error.detail
+
+
+def test_x_robots_tag_opt_outs_like_img2dataset():
+    directives = ["noai", "noimageai", "noindex", "noimageindex"]
+    cases = {
+        "noai": True,
+        "NoImageAI": True,
+        "noindex, nofollow": True,
+        "nofollow, noarchive": False,
+        "higen-prep: noimageai": True,
+        "HIGEN-PREP : noai": True,
+        "otherbot: noai": False,
+        "img2dataset: noai": False,
+        "unavailable_after: 25 Jun 2010 15:00:00 PST": False,
+        "max-image-preview: large, noai": True,
+        "": False,
+    }
+    got = {v: opted_out([v], "higen-prep", directives) is not None for v in cases}
+    assert got == cases
+    assert (
+        opted_out(["nofollow", "otherbot: noai", "noimageindex"], "higen-prep", directives) == "noimageindex"
+    )
+    assert opted_out(["noai"], "higen-prep", []) is None  # [] switches the check off
+    assert opted_out(["img2dataset: noai"], "img2dataset", directives) == "img2dataset: noai"
+
+
+def test_opted_out_reply_fails_and_is_not_retried(servers):
+    public, _ = servers
+    png = png_bytes()
+    public.route("/noai.png", body=png, headers={"X-Robots-Tag": "noai"})
+    public.route("/ours.png", body=png, headers={"X-Robots-Tag": "higen-prep: noimageai"})
+    public.route("/theirs.png", body=png, headers={"X-Robots-Tag": "otherbot: noai"})
+    fetcher = Fetcher(http_cfg(INTERNAL_ONLY, "http.retries=2"))
+    assert fail(fetcher, public.url("/noai.png")).reason == "opted_out"
+    assert fail(fetcher, public.url("/ours.png")).reason == "opted_out"
+    assert public.hits["/noai.png"] == 1
+    assert fetcher.fetch(public.url("/theirs.png")) == png
+    off = Fetcher(http_cfg(INTERNAL_ONLY, "http.disallowed_header_directives=[]"))
+    assert off.fetch(public.url("/noai.png")) == png
+
+
+# ------------------------------------------------------------------------- local paths, protocols
+
+
+def test_local_paths_stay_inside_their_roots(tmp_path):
+    root, outside = tmp_path / "media", tmp_path / "private"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (root / "sub" / "a.png").write_bytes(b"x")
+    (outside / "secret.png").write_bytes(b"x")
+    os.symlink(outside / "secret.png", root / "link_out.png")
+    os.symlink(root / "sub" / "a.png", root / "link_in.png")
+    policy = SourcePolicy(roots=(os.path.realpath(root),))
+    for ok in (root / "sub" / "a.png", root / "link_in.png", root / "sub" / ".." / "sub" / "a.png"):
+        policy.check(str(ok))
+    refused = [
+        str(outside / "secret.png"),
+        str(root / "sub" / ".." / ".." / "private" / "secret.png"),
+        str(root / "link_out.png"),
+        "/etc/passwd",
+        "file:///etc/passwd",
+        f"file://{root}/link_out.png",
+        "FILE:///etc/passwd",
+        "local:///etc/passwd",
+        "memory://x/a.png",
+        "simplecache::s3://bucket/a.png",
+        "ftp://127.0.0.1/a.png",
+    ]
+    for source in refused:
+        with pytest.raises(SampleError) as info:
+            policy.check(source)
+        assert info.value.reason == "forbidden_path", source
+        assert "manifest.allowed_" in info.value.detail, source
+    policy.check("s3://bucket/a.png")
+    policy.check("https://example.test/a.png")
+    with pytest.raises(SampleError, match="manifest.allowed_roots"):
+        SourcePolicy(roots=()).check(str(root / "sub" / "a.png"))  # a remote manifest: no local files
+    with pytest.raises(SampleError, match="allowed_protocols"):
+        SourcePolicy(protocols=("http", "https"), roots=(str(root),)).check("s3://bucket/a.png")
+
+
+def test_manifest_roots_default_to_its_folder_and_none_when_remote(tmp_path):
+    import fsspec
+
+    cfg = load_config(PrepConfig, TINY).manifest
+    (tmp_path / "parts").mkdir()
+    frame = pd.DataFrame({"video": ["a.mp4"], "caption": ["c"]})
+    frame.to_parquet(tmp_path / "parts" / "m.parquet")
+    assert Manifest(str(tmp_path / "parts" / "m.parquet"), "videos", cfg, {}).roots == (
+        os.path.realpath(tmp_path / "parts"),
+    )
+    assert Manifest(str(tmp_path / "parts"), "videos", cfg, {}).roots == (
+        os.path.realpath(tmp_path / "parts"),
+    )
+    with fsspec.open("memory://bucket/m.parquet", "wb") as fh:
+        frame.to_parquet(fh)
+    assert Manifest("memory://bucket/m.parquet", "videos", cfg, {}).roots == ()
+    wide = load_config(PrepConfig, TINY, [f"manifest.allowed_roots=[{tmp_path}]"]).manifest
+    assert Manifest("memory://bucket/m.parquet", "videos", wide, {}).roots == (os.path.realpath(tmp_path),)
+    absent = load_config(PrepConfig, TINY, [f"manifest.allowed_roots=[{tmp_path / 'nope'}]"]).manifest
+    with pytest.raises(ManifestError, match="nope"):
+        Manifest(str(tmp_path / "parts" / "m.parquet"), "videos", absent, {})
+
+
+# ------------------------------------------------------------------------- signed URLs
+
+
+SIGNED = (
+    "https://bucket.s3.amazonaws.com/clips/a.mp4?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+    "&X-Amz-Credential=AKIAEXAMPLE%2F20250101%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date=20250101T000000Z"
+    "&X-Amz-Expires=3600&X-Amz-SignedHeaders=host&X-Amz-Security-Token=FwoGZXIvYXdzEXAMPLE"
+    "&X-Amz-Signature=0123456789abcdef&width=640"
+)
+
+
+def test_redaction_hides_secrets_and_keeps_the_rest_verbatim():
+    shown = redact_url(SIGNED)
+    for secret in ("AKIAEXAMPLE", "FwoGZXIvYXdzEXAMPLE", "0123456789abcdef", "20250101T000000Z"):
+        assert secret not in shown
+    assert shown.startswith("https://bucket.s3.amazonaws.com/clips/a.mp4?X-Amz-Algorithm=AWS4-HMAC-SHA256&")
+    assert "X-Amz-Signature=REDACTED" in shown and shown.endswith("&width=640")
+    resigned = SIGNED.replace("0123456789abcdef", "fedcba9876543210").replace("20250101T", "20250202T")
+    assert redact_url(resigned) == shown and sample_key(redact_url(resigned)) == sample_key(shown)
+    cdn = "https://d111.cloudfront.net/a.jpg?Expires=1700000000&Signature=abc~def&Key-Pair-Id=K2JCJMDEHXQW5F"
+    assert (
+        redact_url(cdn)
+        == "https://d111.cloudfront.net/a.jpg?Expires=REDACTED&Signature=REDACTED&Key-Pair-Id=REDACTED"
+    )
+    sas = "https://acct.blob.core.windows.net/c/a.png?sv=2022-11-02&se=2025-01-01&sp=r&SIG=abc%3D&x=1#frag"
+    assert (
+        redact_url(sas)
+        == "https://acct.blob.core.windows.net/c/a.png?sv=2022-11-02&se=REDACTED&sp=REDACTED&SIG=REDACTED&x=1#frag"
+    )
+    assert (
+        redact_url("https://user:hunter2@host.test/a.png?token=t0k")
+        == "https://user:REDACTED@host.test/a.png?token=REDACTED"
+    )
+    assert redact_url("/data/what?token=x.png") == "/data/what?token=x.png"  # a local file name
+    assert redact_url(SIGNED, params=["width"]).endswith("width=REDACTED")
+    text = f"GET {SIGNED} failed; redirected to https://u:pw@h.test/x?sig=abc&n=1"
+    cleaned = redact_text(text)
+    assert "0123456789abcdef" not in cleaned and "pw@" not in cleaned and "sig=REDACTED&n=1" in cleaned
+
+
+def test_plans_store_redacted_sources_and_fetch_the_signed_url(tmp_path):
+    cfg = load_config(PrepConfig, TINY).manifest
+    other = SIGNED.replace("0123456789abcdef", "ffff")
+    rows = [SIGNED, "https://img.test/plain.png", "https://img.test/b.png?token=abc", other, "local.png"]
+    pd.DataFrame({"image": rows, "caption": ["c"] * 5}).to_parquet(tmp_path / "m.parquet")
+    plans = list(ShardPlanner(Manifest(str(tmp_path / "m.parquet"), "images", cfg, {}), 2).run())
+    sources = [s for p in plans for s in p.sources]
+    assert sources[:4] == [
+        redact_url(SIGNED),
+        rows[1],
+        "https://img.test/b.png?token=REDACTED",
+        redact_url(SIGNED),
+    ]
+    assert sources[4] == str(tmp_path / "local.png")
+    fetch = {p.first_row + pos: url for p in plans for pos, url in p.fetch_urls.items()}
+    assert fetch == {0: SIGNED, 2: rows[2], 3: other}
+    assert all(p.roots == (os.path.realpath(tmp_path),) for p in plans)
+
+
+def test_fetch_messages_never_carry_the_signature(servers):
+    public, _ = servers
+    url = public.url("/missing.png") + "?X-Amz-Signature=topsecret&X-Amz-Credential=AKIAEXAMPLE"
+    error = fail(Fetcher(http_cfg(INTERNAL_ONLY)), url)
+    assert error.reason == "download_error" and "404" in error.detail
+    assert "topsecret" not in error.detail and "AKIAEXAMPLE" not in error.detail
+    assert "X-Amz-Signature=REDACTED" in error.detail
+
+
+# ------------------------------------------------------------------------- config errors
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("http.blocked_networks=[10.0.0.1/8]", "'10.0.0.1/8'"),
+        ("http.blocked_networks=[not-a-network]", "'not-a-network'"),
+        ("http.allowed_networks=[300.1.1.1/32]", "'300.1.1.1/32'"),
+        ("http.blocked_networks=10.0.0.0/8", "http.blocked_networks"),
+        ("manifest.allowed_roots=[relative/media]", "'relative/media'"),
+        ("manifest.allowed_roots=[s3://bucket/media]", "'s3://bucket/media'"),
+        ("manifest.allowed_protocols=[HTTP]", "'HTTP'"),
+    ],
+)
+def test_malformed_settings_are_config_errors_naming_the_value(override, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config(PrepConfig, TINY, [override])
+    assert needle in str(info.value)
+    assert override.split("=", 1)[0] in str(info.value)
+
+
+def test_missing_root_is_a_preflight_error(prep, synthetic, tmp_path, capsys):
+    argv = ["--videos", str(synthetic / "ten.parquet"), "--out", str(tmp_path / "out")]
+    assert prep(*argv, f"manifest.allowed_roots=[{tmp_path / 'absent'}]") == 2
+    assert str(tmp_path / "absent") in capsys.readouterr().err
+    assert not (tmp_path / "out" / "videos").exists()
