@@ -380,3 +380,21 @@ def test_missing_root_is_a_preflight_error(prep, synthetic, tmp_path, capsys):
     assert prep(*argv, f"manifest.allowed_roots=[{tmp_path / 'absent'}]") == 2
     assert str(tmp_path / "absent") in capsys.readouterr().err
     assert not (tmp_path / "out" / "videos").exists()
+
+
+@pytest.mark.slow
+def test_widening_a_rule_then_retry_failed_redoes_only_the_refused_rows(
+    synthetic, ray_session, prep, tmp_path
+):
+    """The policy settings are not in the fingerprint: widen, rerun with --retry-failed."""
+    good = pd.read_parquet(synthetic / "good_images.parquet")[:3]
+    (tmp_path / "own.png").write_bytes((synthetic / "images" / Path(good.image.iloc[0]).name).read_bytes())
+    rows = pd.concat([pd.DataFrame([{"image": "own.png", "caption": "next to the manifest"}]), good])
+    rows.to_parquet(tmp_path / "m.parquet", index=False)
+    argv = ["--images", str(tmp_path / "m.parquet"), "--out", str(tmp_path / "out")]
+    assert prep(*argv) == 0
+    table = pd.read_parquet(tmp_path / "out" / "images" / "000000.parquet")
+    assert table.status.tolist() == ["ok"] + ["failed"] * 3 and set(table.reason[1:]) == {"forbidden_path"}
+    assert prep(*argv, "--retry-failed", f"manifest.allowed_roots=[{tmp_path},{synthetic}]") == 0
+    again = pd.read_parquet(tmp_path / "out" / "images" / "000000.parquet")
+    assert again.status.tolist() == ["ok"] * 4 and again.key.tolist() == table.key.tolist()
