@@ -35,6 +35,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import lru_cache
 from http.client import HTTPException
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
@@ -159,9 +160,15 @@ class GuardedHTTPConnection(http.client.HTTPConnection):
         self.sock = self.connector.connect(self.host, self.port, self.deadline, self.shown)
 
 
+@lru_cache(maxsize=1)
+def tls_context() -> ssl.SSLContext:
+    """One verifying context per process (loading the CA store for every download costs ms)."""
+    return ssl.create_default_context()
+
+
 class GuardedHTTPSConnection(http.client.HTTPSConnection):
     def __init__(self, host: str, port: int | None, connector: GuardedConnector, deadline, shown: str):
-        super().__init__(host, port, timeout=deadline.seconds, context=ssl.create_default_context())
+        super().__init__(host, port, timeout=deadline.seconds, context=tls_context())
         self.connector, self.deadline, self.shown = connector, deadline, shown
 
     def connect(self) -> None:

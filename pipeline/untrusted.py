@@ -256,12 +256,17 @@ def opted_out(values: Iterable[str], user_agent_token: str, directives: Iterable
 # ------------------------------------------------------------------------- redaction
 
 
+@lru_cache(maxsize=16)
+def _lowered(params: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(p.lower() for p in params)
+
+
 def redact_url(url: str, params: Iterable[str] = DEFAULT_REDACT_PARAMS) -> str:
     """`url` with the values of `params` (case-insensitive) and any password replaced by
     REDACTED; everything else byte for byte. Local paths ("?" is part of a file name) unchanged."""
-    if "://" not in url:
+    if "://" not in url or ("?" not in url and "@" not in url):  # most rows: nothing to redact
         return url
-    names = {p.lower() for p in params}
+    names = _lowered(tuple(params))
     scheme, rest = url.split("://", 1)
     rest, hash_, fragment = rest.partition("#")
     rest, question, query = rest.partition("?")
