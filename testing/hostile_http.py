@@ -5,7 +5,7 @@
     server.route("/noai.png", body=png, headers={"X-Robots-Tag": "noai"})
     server.route("/to-internal", status=302, headers={"Location": "http://127.0.0.2:P/x"})
     server.route("/drip.png", body=png, drip_s=0.05)                  # one byte every 50 ms
-    server.url("/a.png"); server.hits["/a.png"]; server.stop()
+    server.url("/a.png"); server.hits["/a.png"]; server.completed["/drip.png"]; server.stop()
 
 Tests only bind loopback addresses (127.0.0.0/8); `127.0.0.2` plays the "internal" host.
 Paths are matched without their query string, so signed variants of one URL hit one route.
@@ -35,6 +35,8 @@ class HostileHTTP:
         self.host = host
         self.routes: dict[str, Route] = {}
         self.hits: Counter = Counter()
+        self.completed: Counter = Counter()  # bodies written to the end (the client kept reading)
+        self.ended: Counter = Counter()  # answers finished, whole or cut off by the client
         self.server: ThreadingHTTPServer | None = None
 
     def route(self, path: str, **kwargs) -> str:
@@ -46,7 +48,7 @@ class HostileHTTP:
         return f"http://{self.host}:{self.server.server_address[1]}{path}"
 
     def start(self) -> HostileHTTP:
-        routes, hits = self.routes, self.hits
+        routes, hits, completed, ended = self.routes, self.hits, self.completed, self.ended
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):  # keep test output clean
@@ -71,18 +73,30 @@ class HostileHTTP:
                 try:
                     if route.drip_s <= 0:
                         self.wfile.write(route.body)
-                        return
-                    for i in range(len(route.body)):
-                        self.wfile.write(route.body[i : i + 1])
-                        self.wfile.flush()
-                        time.sleep(route.drip_s)
+                    else:
+                        for i in range(len(route.body)):
+                            self.wfile.write(route.body[i : i + 1])
+                            self.wfile.flush()
+                            time.sleep(route.drip_s)
+                    completed[self.path.split("?", 1)[0]] += 1
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up: that is what a dripping body is for
+                finally:
+                    ended[self.path.split("?", 1)[0]] += 1
 
         self.server = ThreadingHTTPServer((self.host, 0), Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
+
+    def settle(self, path: str, timeout: float = 60.0) -> None:
+        """Wait until every request of `path` has been answered or cut off (then `completed` is
+        final: a body the client stopped reading is never counted)."""
+        deadline = time.monotonic() + timeout
+        while self.ended[path] < self.hits[path]:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{path}: {self.hits[path] - self.ended[path]} answers still running")
+            time.sleep(0.02)
 
     def stop(self) -> None:
         if self.server is not None:

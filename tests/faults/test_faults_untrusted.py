@@ -128,6 +128,8 @@ def untrusted_run(tmp_path_factory):
         )
         rc = run(cmd, root / "prep.log", timeout=600)
         internal_hits = sum(internal.hits.values())
+        public.settle("/drip.png")
+        corpus["drip_completed"] = public.completed["/drip.png"]
     return corpus, out, rc, (root / "prep.log").read_text(errors="replace"), internal_hits
 
 
@@ -148,6 +150,7 @@ def test_every_untrusted_row_fails_with_its_reason_and_the_job_goes_on(untrusted
     assert "manifest.allowed_roots" in details[5] and "manifest.allowed_roots" in details[3]
     assert "manifest.allowed_protocols" in details[7] and "http.allowed_networks" in details[10]
     assert json.loads((out / "dataset.json").read_text())["complete"] is True
+    assert corpus["drip_completed"] == 0  # each attempt hung up on the dripping body mid-way
 
 
 def test_the_internal_host_is_never_contacted(untrusted_run):

@@ -181,6 +181,8 @@ def test_dripping_body_fails_timeout_within_the_whole_download_deadline(servers)
     public.route("/drip.png", body=png_bytes(), drip_s=0.05)
     error = fail(Fetcher(http_cfg(INTERNAL_ONLY)), public.url("/drip.png"))
     assert error.reason == "timeout" and "http.timeout_s=1" in error.detail
+    public.settle("/drip.png")
+    assert public.completed["/drip.png"] == 0  # the client hung up mid-body, it did not read on
 
 
 def test_x_robots_tag_opt_outs_like_img2dataset():
@@ -398,3 +400,71 @@ def test_widening_a_rule_then_retry_failed_redoes_only_the_refused_rows(
     assert prep(*argv, "--retry-failed", f"manifest.allowed_roots=[{tmp_path},{synthetic}]") == 0
     again = pd.read_parquet(tmp_path / "out" / "images" / "000000.parquet")
     assert again.status.tolist() == ["ok"] * 4 and again.key.tolist() == table.key.tolist()
+
+
+# ------------------------------------------------------------------------- TLS
+
+
+def _tls_files(folder: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a certificate for 127.0.0.1 / media.test signed by it."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    names = [x509.DNSName("media.test"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    cert = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "media")]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(2).not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    pem = serialization.Encoding.PEM
+    paths = folder / "ca.pem", folder / "cert.pem", folder / "key.pem"
+    paths[0].write_bytes(ca.public_bytes(pem))
+    paths[1].write_bytes(cert.public_bytes(pem))
+    paths[2].write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return paths
+
+
+def test_https_checks_the_certificate_and_bounds_a_dripping_body(tmp_path, monkeypatch):
+    import ssl
+
+    import pipeline.fetch as fetch
+
+    ca, cert, key = _tls_files(tmp_path)
+    trusted = ssl.create_default_context(cafile=str(ca))
+    monkeypatch.setattr(fetch, "tls_context", lambda: trusted)  # trust the test CA only
+    png = png_bytes()
+    with HostileHTTP("127.0.0.1") as server:
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(cert, key)
+        server.server.socket = server_ctx.wrap_socket(server.server.socket, server_side=True)
+        server.route("/a.png", body=png)
+        server.route("/drip.png", body=png, drip_s=0.05)
+        base = server.url("").replace("http://", "https://")
+        fetcher = Fetcher(http_cfg(INTERNAL_ONLY))
+        assert fetcher.fetch(base + "/a.png") == png
+        assert fail(fetcher, base + "/drip.png").reason == "timeout"
+        server.settle("/drip.png")
+        assert server.completed["/drip.png"] == 0  # the TLS socket was shut down mid-body
+        real = socket.getaddrinfo
+        monkeypatch.setattr(socket, "getaddrinfo", lambda h, *a, **k: real("127.0.0.1", *a, **k))
+        assert fetcher.fetch(base.replace("127.0.0.1", "media.test") + "/a.png") == png  # SNI + name check
+        wrong = fail(fetcher, base.replace("127.0.0.1", "other.test") + "/a.png")
+        assert wrong.reason == "download_error" and "certificate" in wrong.detail
