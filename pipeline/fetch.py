@@ -267,7 +267,8 @@ class Fetcher:
                         raise HTTPStatusError(response.status, response.reason)
                     self._check_opt_out(url, response)
                     return self._read_body(url, response, deadline)
-                finally:
+                finally:  # the response holds the socket open until it is closed itself
+                    response.close()
                     conn.close()
             raise SampleError(
                 "download_error", f"{self.shown(url)}: more than http.max_redirects={self.http.max_redirects}"
@@ -329,6 +330,11 @@ class Fetcher:
             )
 
     def _read_body(self, url: str, response: http.client.HTTPResponse, deadline: Deadline) -> bytes:
+        if response.length is not None and response.length > self.http.max_bytes:  # before reading
+            raise SampleError(
+                "download_error",
+                f"{self.shown(url)}: {response.length} bytes is over http.max_bytes={self.http.max_bytes}",
+            )
         chunks, size = [], 0
         while chunk := response.read(CHUNK):
             size += len(chunk)

@@ -468,3 +468,12 @@ def test_https_checks_the_certificate_and_bounds_a_dripping_body(tmp_path, monke
         assert fetcher.fetch(base.replace("127.0.0.1", "media.test") + "/a.png") == png  # SNI + name check
         wrong = fail(fetcher, base.replace("127.0.0.1", "other.test") + "/a.png")
         assert wrong.reason == "download_error" and "certificate" in wrong.detail
+
+
+def test_a_declared_length_over_max_bytes_fails_before_the_body_is_read(servers):
+    public, _ = servers
+    public.route("/big.png", body=b"x" * 5000, drip_s=0.01)
+    error = fail(Fetcher(http_cfg(INTERNAL_ONLY, "http.max_bytes=100")), public.url("/big.png"))
+    assert error.reason == "download_error" and "http.max_bytes=100" in error.detail
+    public.settle("/big.png")
+    assert public.completed["/big.png"] == 0
