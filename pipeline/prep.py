@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         summary = PrepJob(cfg, job).run()
     except (ConfigError, ManifestError, OutputError, JobError) as exc:
+        # The default list: a ConfigError may come before any config exists.
         print(f"error: {redact_text(str(exc), DEFAULT_REDACT_PARAMS)}", file=sys.stderr)
         return 2
     print(summary.table())
