@@ -15,12 +15,30 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from core.config import check, to_dict
 from core.shard_format import FORMAT_VERSION
+from pipeline.untrusted import (
+    DEFAULT_BLOCKED_NETWORKS,
+    DEFAULT_DISALLOWED_DIRECTIVES,
+    DEFAULT_PROTOCOLS,
+    DEFAULT_REDACT_PARAMS,
+    parse_network,
+)
 from preprocessing.settings import ImageConfig, ModelsConfig, VideoConfig
+
+
+def check_strings(values: Any, name: str, what: str) -> None:
+    """A YAML list of non-empty strings (`[a, b]`); a lone string is refused, not split."""
+    check(
+        isinstance(values, list) and all(isinstance(v, str) and v.strip() for v in values),
+        name,
+        f"must be a list of {what}, got {values!r}",
+    )
+
 
 # Fallback column names, tried in order when the configured column is absent:
 # LAION parquet calls the image URL `URL` and the caption `TEXT`.
@@ -37,18 +55,38 @@ class ManifestConfig:
     image_column: str = "image"  # path or URL of the image (LAION: `URL`, found automatically)
     caption_column: str = "caption"  # LAION: `TEXT`, found automatically
     batch_rows: int = 65_536  # rows per Arrow batch while streaming a manifest (driver memory)
+    # Untrusted manifests (docs/untrusted.md). Folders local paths must resolve into (realpath);
+    # null = a local manifest's own folder, nothing for a remote manifest; [] = no local files.
+    allowed_roots: list[str] | None = None
+    allowed_protocols: list[str] = field(default_factory=lambda: list(DEFAULT_PROTOCOLS))
+    # Query parameters shown as REDACTED in stored URLs and messages; keys hash the redacted URL.
+    redact_query_params: list[str] = field(default_factory=lambda: list(DEFAULT_REDACT_PARAMS))
 
     def __post_init__(self) -> None:
         for name in ("video_column", "image_column", "caption_column"):
             value = getattr(self, name)
-            check(
-                isinstance(value, str) and value != "", f"{name}", "must be a non-empty column name"
-            )
+            check(isinstance(value, str) and value != "", name, "must be a non-empty column name")
         check(
             isinstance(self.batch_rows, int) and self.batch_rows >= 1,
             "batch_rows",
             f"must be an integer >= 1, got {self.batch_rows!r}",
         )
+        if self.allowed_roots is not None:
+            check_strings(self.allowed_roots, "allowed_roots", "folders")
+            for root in self.allowed_roots:
+                check(
+                    "://" not in root and os.path.isabs(os.path.expanduser(root)),
+                    "allowed_roots",
+                    f"{root!r} is not an absolute local folder (write e.g. [/data/media])",
+                )
+        check_strings(self.allowed_protocols, "allowed_protocols", "fsspec protocol names")
+        for protocol in self.allowed_protocols:
+            check(
+                protocol.isascii() and protocol == protocol.lower() and "://" not in protocol,
+                "allowed_protocols",
+                f"{protocol!r} is not a protocol name (write e.g. [http, https])",
+            )
+        check_strings(self.redact_query_params, "redact_query_params", "query parameter names")
 
 
 @dataclass
@@ -113,37 +151,55 @@ class ExecutionConfig:
 
 @dataclass
 class HttpConfig:
-    timeout_s: float = 30.0  # connect, and any stall of the body longer than this -> `timeout`
+    # The whole download (connect, headers, body) of one attempt; a slower one fails `timeout`.
+    timeout_s: float = 30.0
     retries: int = 3  # extra attempts after 5xx, 429, connection errors and timeouts
     backoff_s: float = 0.5  # first retry delay; doubles per attempt, with +-50% jitter
     max_backoff_s: float = 30.0
     max_concurrency: int = 16  # downloads in flight per shard task (also the prefetch window)
     max_bytes: int = 1 << 30  # larger media fail with `download_error` instead of filling RAM
     user_agent: str = "higen-prep/0.1 (+https://github.com/higen)"
+    # X-Robots-Tag lines addressed to this token (`higen-prep: noai`) apply to us.
+    user_agent_token: str = "higen-prep"
+    max_redirects: int = 10
+    # Untrusted manifests (docs/untrusted.md): media URLs may not reach these addresses (checked
+    # after DNS, on every redirect hop, against the address connected) -> `blocked_address`.
+    blocked_networks: list[str] = field(default_factory=lambda: list(DEFAULT_BLOCKED_NETWORKS))
+    allowed_networks: list[str] = field(default_factory=list)  # exceptions to blocked_networks
+    # A reply whose X-Robots-Tag has one of these directives fails `opted_out`; [] = ignore.
+    disallowed_header_directives: list[str] = field(
+        default_factory=lambda: list(DEFAULT_DISALLOWED_DIRECTIVES)
+    )
 
     def __post_init__(self) -> None:
         for name in ("timeout_s", "backoff_s", "max_backoff_s"):
             value = getattr(self, name)
             check(
                 isinstance(value, (int, float)) and value > 0,
-                f"{name}",
+                name,
                 f"must be > 0 seconds, got {value!r}",
             )
+        for name, low in (("retries", 0), ("max_concurrency", 1), ("max_bytes", 1), ("max_redirects", 0)):
+            value = getattr(self, name)
+            check(
+                isinstance(value, int) and not isinstance(value, bool) and value >= low,
+                name,
+                f"must be an integer >= {low}, got {value!r}",
+            )
         check(
-            isinstance(self.retries, int) and self.retries >= 0,
-            "retries",
-            f"must be an integer >= 0, got {self.retries!r}",
+            isinstance(self.user_agent_token, str) and self.user_agent_token.strip() != "",
+            "user_agent_token",
+            "must be a non-empty token (the name X-Robots-Tag lines address, e.g. higen-prep)",
         )
-        check(
-            isinstance(self.max_concurrency, int) and self.max_concurrency >= 1,
-            "max_concurrency",
-            f"must be an integer >= 1, got {self.max_concurrency!r}",
-        )
-        check(
-            isinstance(self.max_bytes, int) and self.max_bytes >= 1,
-            "max_bytes",
-            f"must be a positive integer, got {self.max_bytes!r}",
-        )
+        for name in ("blocked_networks", "allowed_networks"):
+            values = getattr(self, name)
+            check_strings(values, name, "CIDR networks")
+            for value in values:
+                try:
+                    parse_network(value)
+                except ValueError as exc:
+                    check(False, name, str(exc))
+        check_strings(self.disallowed_header_directives, "disallowed_header_directives", "directives")
 
 
 @dataclass
@@ -185,7 +241,8 @@ OPERATIONAL = {
     "execution": None,
     "http": None,
     "storage": None,
-    "manifest": ("batch_rows",),
+    # Which rows may be read is policy, not encoding: widening it then --retry-failed must work.
+    "manifest": ("batch_rows", "allowed_roots", "allowed_protocols"),
     "models": ("device", "batch_size"),
     "video": ("decode_timeout_s", "decode_memory_mb", "decoder_recycle_every"),
 }

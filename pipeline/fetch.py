@@ -5,33 +5,57 @@ reads it directly, no bytes through a pipe). Remote media are downloaded by a sm
 pool per shard task (`http.max_concurrency`), ahead of decoding and in manifest order, so
 decoding waits on the network only when the network is the bottleneck.
 
+HTTP is spoken by `http.client` on sockets this module opens itself (docs/untrusted.md): the
+host is resolved once per hop, each address is checked against `http.blocked_networks` before
+connecting, the socket's peer is checked again, and the request goes to that very address, so
+a DNS answer that changes between check and connect (rebinding) cannot reach an internal
+host. Redirects are followed here, hop by hop, under the same rules. Environment proxies are
+not used for media: a proxy would resolve names itself and the check would mean nothing.
+
 HTTP failures are classified once, here:
 - 404, 403, 410 and other 4xx: permanent, no retry              -> `download_error`
 - 5xx, 408, 429, connection resets: retried with exponential
   backoff and +-50% jitter (`http.backoff_s`, doubling, capped) -> `download_error` if all fail
-- no byte for `http.timeout_s` (connect or a stalled body):
-  retried like the above                                       -> `timeout` if all fail
+- an attempt longer than `http.timeout_s` in all (connect, headers
+  and body together: a body dripping a byte at a time too): retried -> `timeout` if all fail
+- an internal address (any hop)                                  -> `blocked_address`, no retry
+- X-Robots-Tag with a disallowed directive (noai...)             -> `opted_out`, no retry
+Messages carry the URL with its signatures redacted (`manifest.redact_query_params`).
 """
 
 from __future__ import annotations
 
+import base64
+import http.client
 import random
 import socket
+import ssl
+import threading
 import time
-import urllib.error
-import urllib.request
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import lru_cache
 from http.client import HTTPException
 from typing import Any
+from urllib.parse import quote, urljoin, urlsplit
 
 from core.shard_format import SampleError
 from pipeline.config import HttpConfig
 from pipeline.storage import url_to_fs
+from pipeline.untrusted import (
+    DEFAULT_REDACT_PARAMS,
+    AddressPolicy,
+    blocked_message,
+    opted_out,
+    redact_text,
+    redact_url,
+)
 
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+REDIRECT_STATUS = {301, 302, 303, 307, 308}
 CHUNK = 1 << 20
+URL_SAFE = "/%:@!$&'()*+,;=-._~?"  # left as they are when quoting a request target
 
 Fetched = tuple[bytes | None, SampleError | None]
 
@@ -40,13 +64,138 @@ def is_remote(source: str) -> bool:
     return "://" in source
 
 
+class HTTPStatusError(Exception):
+    def __init__(self, code: int, reason: str):
+        super().__init__(f"HTTP {code} {reason}")
+        self.code, self.reason = code, reason
+
+
+class Deadline:
+    """One attempt's time budget. At expiry a watchdog shuts the current socket down, which ends
+    any blocked connect/recv at once: a per-read timeout alone lets a dripping body run forever."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+        self.expired = False
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def remaining(self) -> float:
+        left = self.end - time.monotonic()
+        if left <= 0 or self.expired:
+            raise TimeoutError(f"over {self.seconds:g}s")
+        return left
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sock = sock
+            if self.expired:
+                self._shutdown(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            if self._sock is not None:
+                self._shutdown(self._sock)
+
+    @staticmethod
+    def _shutdown(sock: socket.socket) -> None:
+        try:  # the plain-socket shutdown: also unblocks an SSL read without touching its state
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+class GuardedConnector:
+    """Resolves a host, refuses blocked addresses, connects to an allowed one (and re-checks the
+    peer). One resolution per hop, and the socket goes to the address that was checked."""
+
+    def __init__(self, policy: AddressPolicy):
+        self.policy = policy
+
+    def connect(self, host: str, port: int, deadline: Deadline, shown: str) -> socket.socket:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise ConnectionError(f"cannot resolve {host}: {exc.strerror}") from None
+        refused, last_error = None, None
+        for family, kind, proto, _, sockaddr in infos:
+            network = self.policy.blocked_by(sockaddr[0])
+            if network is not None:
+                refused = refused or (sockaddr[0], network)
+                continue
+            sock = socket.socket(family, kind, proto)
+            try:
+                deadline.watch(sock)
+                sock.settimeout(deadline.remaining())
+                sock.connect(sockaddr)
+                peer = sock.getpeername()[0]
+                network = self.policy.blocked_by(peer)
+                if network is not None:
+                    raise SampleError("blocked_address", blocked_message(shown, host, peer, network))
+                return sock
+            except (OSError, SampleError) as exc:
+                sock.close()
+                if isinstance(exc, SampleError) or deadline.expired:
+                    raise
+                last_error = exc
+        if refused is not None and last_error is None:
+            raise SampleError("blocked_address", blocked_message(shown, host, *refused))
+        raise last_error or ConnectionError(f"{host} has no address")
+
+
+class GuardedHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, host: str, port: int | None, connector: GuardedConnector, deadline, shown: str):
+        super().__init__(host, port, timeout=deadline.seconds)
+        self.connector, self.deadline, self.shown = connector, deadline, shown
+
+    def connect(self) -> None:
+        self.sock = self.connector.connect(self.host, self.port, self.deadline, self.shown)
+
+
+@lru_cache(maxsize=1)
+def tls_context() -> ssl.SSLContext:
+    """One verifying context per process (loading the CA store for every download costs ms)."""
+    return ssl.create_default_context()
+
+
+class GuardedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, host: str, port: int | None, connector: GuardedConnector, deadline, shown: str):
+        super().__init__(host, port, timeout=deadline.seconds, context=tls_context())
+        self.connector, self.deadline, self.shown = connector, deadline, shown
+
+    def connect(self) -> None:
+        sock = self.connector.connect(self.host, self.port, self.deadline, self.shown)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        self.deadline.watch(self.sock)
+
+
 class Fetcher:
     """`fetch(source)` -> bytes for remote media, None for local paths; SampleError on failure."""
 
-    def __init__(self, http: HttpConfig, storage_options: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        http: HttpConfig,
+        storage_options: dict[str, Any] | None = None,
+        redact_params: Sequence[str] = DEFAULT_REDACT_PARAMS,
+    ):
         self.http = http
         self.options = storage_options or {}
+        self.redact_params = tuple(redact_params)
+        self.connector = GuardedConnector(
+            AddressPolicy.from_config(http.blocked_networks, http.allowed_networks)
+        )
         self._fs: dict[str, Any] = {}
+
+    def shown(self, url: str) -> str:
+        return redact_url(url, self.redact_params)
 
     def fetch(self, source: str) -> bytes | None:
         if not is_remote(source):
@@ -56,6 +205,7 @@ class Fetcher:
         return self._fsspec(source)
 
     def _fsspec(self, url: str) -> bytes:
+        shown = self.shown(url)
         try:
             protocol = url.split("://", 1)[0]
             if protocol not in self._fs:
@@ -64,17 +214,19 @@ class Fetcher:
             size = fs.size(url)
             if size is not None and size > self.http.max_bytes:
                 raise SampleError(
-                    "download_error", f"{url}: {size} bytes is over http.max_bytes={self.http.max_bytes}"
+                    "download_error", f"{shown}: {size} bytes is over http.max_bytes={self.http.max_bytes}"
                 )
             return fs.cat_file(url)
         except FileNotFoundError:
-            raise SampleError("missing_file", f"{url}: no such object (check the manifest URL)") from None
+            raise SampleError("missing_file", f"{shown}: no such object (check the manifest URL)") from None
         except SampleError:
             raise
         except Exception as exc:  # noqa: BLE001 - any storage failure is this sample's failure
-            raise SampleError("download_error", f"{url}: {type(exc).__name__}: {exc}") from None
+            detail = redact_text(f"{type(exc).__name__}: {exc}", self.redact_params)
+            raise SampleError("download_error", f"{shown}: {detail}") from None
 
     def _http(self, url: str) -> bytes:
+        shown = self.shown(url)
         attempts = self.http.retries + 1
         last_reason, last_detail = "download_error", ""
         for attempt in range(attempts):
@@ -83,33 +235,118 @@ class Fetcher:
                 time.sleep(delay * random.uniform(0.5, 1.5))
             try:
                 return self._http_once(url)
-            except urllib.error.HTTPError as exc:
-                last_reason, last_detail = "download_error", f"HTTP {exc.code} {exc.reason}"
+            except HTTPStatusError as exc:
+                last_reason, last_detail = "download_error", str(exc)
                 if exc.code not in RETRY_STATUS:
-                    raise SampleError("download_error", f"{url}: {last_detail} (not retried)") from None
+                    raise SampleError("download_error", f"{shown}: {last_detail} (not retried)") from None
             except TimeoutError:
-                last_reason, last_detail = "timeout", f"no data for {self.http.timeout_s:g}s"
-            except urllib.error.URLError as exc:
-                if isinstance(exc.reason, (TimeoutError, socket.timeout)):
-                    last_reason, last_detail = "timeout", f"connect took over {self.http.timeout_s:g}s"
-                else:
-                    last_reason, last_detail = "download_error", f"connection failed: {exc.reason}"
+                last_reason = "timeout"
+                last_detail = f"download took over http.timeout_s={self.http.timeout_s:g}s"
+            except ssl.SSLCertVerificationError as exc:
+                raise SampleError(
+                    "download_error", f"{shown}: TLS certificate: {exc.verify_message}"
+                ) from None
             except (HTTPException, ConnectionError, OSError) as exc:
                 last_reason, last_detail = "download_error", f"{type(exc).__name__}: {exc}"
-        raise SampleError(last_reason, f"{url}: {last_detail} (after {attempts} attempts)")
+        detail = redact_text(last_detail, self.redact_params)
+        raise SampleError(last_reason, f"{shown}: {detail} (after {attempts} attempts)")
 
     def _http_once(self, url: str) -> bytes:
-        request = urllib.request.Request(url, headers={"User-Agent": self.http.user_agent})
-        # The timeout bounds the connect and every socket read: a stalled body raises.
-        with urllib.request.urlopen(request, timeout=self.http.timeout_s) as response:
-            chunks, size = [], 0
-            while chunk := response.read(CHUNK):
-                size += len(chunk)
-                if size > self.http.max_bytes:
-                    raise SampleError(
-                        "download_error", f"{url}: larger than http.max_bytes={self.http.max_bytes}"
-                    )
-                chunks.append(chunk)
+        """One attempt: every hop of the redirect chain and the body, within one Deadline."""
+        deadline = Deadline(self.http.timeout_s)
+        first = url
+        try:
+            for _ in range(self.http.max_redirects + 1):
+                conn, response = self._request(url, deadline)
+                try:
+                    location = response.getheader("Location")
+                    if response.status in REDIRECT_STATUS and location:
+                        url = self._redirect(url, location)
+                        continue
+                    if response.status >= 300:
+                        raise HTTPStatusError(response.status, response.reason)
+                    self._check_opt_out(url, response)
+                    return self._read_body(url, response, deadline)
+                finally:  # the response holds the socket open until it is closed itself
+                    response.close()
+                    conn.close()
+            raise SampleError(
+                "download_error", f"{self.shown(url)}: more than http.max_redirects={self.http.max_redirects}"
+            )
+        except SampleError as exc:
+            if url == first:
+                raise
+            raise SampleError(exc.reason, f"{self.shown(first)} redirected to {exc.detail}") from None
+        except (OSError, HTTPException):
+            if deadline.expired:  # the watchdog closed the socket: whatever broke, it is the clock
+                raise TimeoutError from None
+            raise
+        finally:
+            deadline.cancel()
+
+    def _request(self, url: str, deadline: Deadline):
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname or ""
+            port = parts.port
+            if not host.isascii():
+                host = host.encode("idna").decode("ascii")
+        except (ValueError, UnicodeError) as exc:
+            raise SampleError("download_error", f"{self.shown(url)}: not a valid URL ({exc})") from None
+        if not host:
+            raise SampleError("download_error", f"{self.shown(url)}: the URL has no host")
+        cls = GuardedHTTPSConnection if parts.scheme == "https" else GuardedHTTPConnection
+        conn = cls(host, port, self.connector, deadline, self.shown(url))
+        target = quote(parts.path or "/", safe=URL_SAFE) + (
+            "?" + quote(parts.query, safe=URL_SAFE + "=") if parts.query else ""
+        )
+        headers = {"User-Agent": self.http.user_agent}
+        if parts.username is not None:  # https://user:password@host/ (stored redacted)
+            token = f"{parts.username}:{parts.password or ''}".encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(token).decode()
+        try:
+            conn.request("GET", target, headers=headers)
+            return conn, conn.getresponse()
+        except BaseException:
+            conn.close()
+            raise
+
+    def _redirect(self, url: str, location: str) -> str:
+        target = urljoin(url, location.strip())
+        if urlsplit(target).scheme not in ("http", "https"):
+            raise SampleError(
+                "forbidden_path", f"{self.shown(url)}: redirects to {self.shown(target)}, not an http(s) URL"
+            )
+        return target
+
+    def _check_opt_out(self, url: str, response: http.client.HTTPResponse) -> None:
+        values = response.headers.get_all("X-Robots-Tag") or []
+        hit = opted_out(values, self.http.user_agent_token, self.http.disallowed_header_directives)
+        if hit is not None:
+            raise SampleError(
+                "opted_out",
+                f"{self.shown(url)}: X-Robots-Tag {hit!r} forbids this use "
+                "(http.disallowed_header_directives)",
+            )
+
+    def _read_body(self, url: str, response: http.client.HTTPResponse, deadline: Deadline) -> bytes:
+        if response.length is not None and response.length > self.http.max_bytes:  # before reading
+            raise SampleError(
+                "download_error",
+                f"{self.shown(url)}: {response.length} bytes is over http.max_bytes={self.http.max_bytes}",
+            )
+        chunks, size = [], 0
+        while chunk := response.read(CHUNK):
+            size += len(chunk)
+            if size > self.http.max_bytes:
+                raise SampleError(
+                    "download_error", f"{self.shown(url)}: larger than http.max_bytes={self.http.max_bytes}"
+                )
+            chunks.append(chunk)
+            deadline.remaining()
+        deadline.remaining()  # a watchdog shutdown reads as the end of the body
+        if response.length:  # the server hung up before Content-Length bytes
+            raise http.client.IncompleteRead(b"", response.length)
         return b"".join(chunks)
 
     def safe_fetch(self, source: str | None) -> Fetched:

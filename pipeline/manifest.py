@@ -5,6 +5,11 @@ the driver never holds more than one batch plus the shards in flight, whatever t
 Files of a directory or glob are read in sorted path order, so "manifest row N" means the
 same row on every run. Relative media paths are resolved against the manifest file's folder.
 
+Rows come from strangers (docs/untrusted.md): each source is stored with its signatures
+redacted (`pipeline.untrusted.redact_url`; the key hashes that form) and the URL to download
+travels separately in `ShardPlan.fetch_urls`. `Manifest.roots` are the folders its local rows
+may resolve into (`manifest.allowed_roots`; the shard task checks each row before reading it).
+
 `open_manifest` checks everything that can be checked up front (the files exist and parse,
 the columns are there) and raises `ManifestError` naming the file and the config field.
 """
@@ -28,6 +33,7 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from pipeline.config import COLUMN_ALIASES, ManifestConfig
 from pipeline.storage import url_to_fs
+from pipeline.untrusted import configured_roots, default_roots, redact_text, redact_url
 
 FORMATS = {
     ".parquet": "parquet",
@@ -51,10 +57,13 @@ class ShardPlan:
     kind: str  # "videos" | "images"
     index: int
     first_row: int
-    sources: list[str | None]
+    sources: list[str | None]  # as stored: signatures redacted (the keys hash these)
     captions: list[Any]
     # position in this shard -> the earlier manifest row with the same source (any shard)
     duplicate_of: dict[int, int] = field(default_factory=dict)
+    # position -> the URL to download, for rows whose stored source was redacted
+    fetch_urls: dict[int, str] = field(default_factory=dict)
+    roots: tuple[str, ...] = ()  # folders local rows may resolve into (`Manifest.roots`)
 
 
 class SeenSources:
@@ -114,11 +123,13 @@ class Manifest:
 
     def __init__(self, url: str, kind: str, cfg: ManifestConfig, storage_options: dict[str, Any]):
         self.url = url
+        self.shown = redact_url(url, cfg.redact_query_params)  # for messages: no signatures
         self.kind = kind
         self.cfg = cfg
         self.fs, path = url_to_fs(url, storage_options)
         self.local = isinstance(self.fs, LocalFileSystem)
         self.files = self._files(path)
+        self.roots = self._roots(path)
         formats = {_format_of(f) for f in self.files}
         if len(formats) > 1:
             raise ManifestError(
@@ -138,7 +149,8 @@ class Manifest:
                 return self.rows_streamed[path]
             return self._dataset(path).count_rows() if self.format == "parquet" else None
 
-        return [file_record(self.fs, p, self._display(p), rows(p)) for p in self.files]
+        params = self.cfg.redact_query_params  # a presigned manifest URL is stored redacted
+        return [file_record(self.fs, p, redact_url(self._display(p), params), rows(p)) for p in self.files]
 
     def _files(self, path: str) -> list[str]:
         try:
@@ -152,10 +164,24 @@ class Manifest:
             else:
                 files = []
         except (OSError, ValueError) as exc:
-            raise ManifestError(f"manifest {self.url} cannot be read: {type(exc).__name__}: {exc}") from exc
+            detail = redact_text(f"{type(exc).__name__}: {exc}", self.cfg.redact_query_params)
+            raise ManifestError(f"manifest {self.shown} cannot be read: {detail}") from exc
         if not files:
-            raise ManifestError(f"manifest {self.url}: no such file, or no .parquet/.csv/.jsonl files match")
+            raise ManifestError(
+                f"manifest {self.shown}: no such file, or no .parquet/.csv/.jsonl files match"
+            )
         return files
+
+    def _roots(self, path: str) -> tuple[str, ...]:
+        """`manifest.allowed_roots`, or by default a local manifest's folder (none if remote)."""
+        if self.cfg.allowed_roots is not None:
+            try:
+                return configured_roots(self.cfg.allowed_roots)
+            except ValueError as exc:
+                raise ManifestError(f"{exc}; list existing folders (or [] for no local files)") from None
+        if not self.local:
+            return ()
+        return default_roots(path, self.fs.isdir(path), self.files)
 
     def _file_format(self, column_names: tuple[str, ...] = ()) -> ds.FileFormat | str:
         if self.format == "csv":
@@ -178,7 +204,9 @@ class Manifest:
             raise ManifestError(f"manifest {self._display(path)} cannot be read: {exc}") from exc
 
     def _display(self, path: str) -> str:
-        return path if self.local else self.fs.unstrip_protocol(path)
+        return (
+            path if self.local else redact_url(self.fs.unstrip_protocol(path), self.cfg.redact_query_params)
+        )
 
     def _columns(self) -> tuple[str, str]:
         """Configured column names, falling back to known aliases (LAION `URL`, `TEXT`)."""
@@ -221,8 +249,15 @@ class Manifest:
         return sum(self._dataset(path).count_rows() for path in self.files)
 
     def batches(self) -> Iterator[tuple[list[str | None], list[Any]]]:
-        """(sources, captions) in manifest order, one Arrow batch at a time."""
+        """(sources as stored, captions) in manifest order, one Arrow batch at a time."""
+        for sources, captions, _ in self.resolved_batches():
+            yield sources, captions
+
+    def resolved_batches(self) -> Iterator[tuple[list[str | None], list[Any], dict[int, str]]]:
+        """(sources as stored, captions, {position in batch: URL to download}) in manifest order;
+        the dict holds only the rows whose stored source had something redacted."""
         columns = (self.source_column, self.caption_column)
+        params = self.cfg.redact_query_params
         for path in self.files:
             dataset = self._dataset(path, columns)
             missing = [c for c in columns if c not in dataset.schema.names]
@@ -239,10 +274,13 @@ class Manifest:
                     batch_readahead=1,
                     fragment_readahead=1,
                 ):
-                    sources = pc.cast(batch.column(0), pa.string()).to_pylist()
-                    captions = batch.column(1).to_pylist()
-                    rows += len(sources)
-                    yield [self._resolve(path, s) for s in sources], captions
+                    resolved = [
+                        self._resolve(path, s) for s in pc.cast(batch.column(0), pa.string()).to_pylist()
+                    ]
+                    stored = [s if s is None else redact_url(s, params) for s in resolved]
+                    secret = {i: r for i, (r, s) in enumerate(zip(resolved, stored)) if r != s}
+                    rows += len(resolved)
+                    yield stored, batch.column(1).to_pylist(), secret
             except pa.ArrowException as exc:
                 raise ManifestError(f"manifest {self._display(path)} cannot be read: {exc}") from exc
             self.rows_streamed[path] = rows
@@ -255,18 +293,33 @@ class ShardPlanner:
         self.manifest = manifest
         self.size = samples_per_shard
 
+    def _plan(self, index: int, sources: list, captions: list, secret: dict[int, str]) -> ShardPlan:
+        first = index * self.size
+        fetch_urls = {r - first: secret[r] for r in range(first, first + len(sources)) if r in secret}
+        return ShardPlan(
+            self.manifest.kind,
+            index,
+            first,
+            sources,
+            captions,
+            fetch_urls=fetch_urls,
+            roots=self.manifest.roots,
+        )
+
     def run(self) -> Iterator[ShardPlan]:
         index, sources, captions = 0, [], []
-        for batch_sources, batch_captions in self.manifest.batches():
+        secret: dict[int, str] = {}  # manifest row -> URL to download (redacted rows only)
+        row = 0  # manifest row of sources[0]
+        for batch_sources, batch_captions, batch_secret in self.manifest.resolved_batches():
+            secret.update({row + len(sources) + i: url for i, url in batch_secret.items()})
             sources.extend(batch_sources)
             captions.extend(batch_captions)
             start = 0
             while len(sources) - start >= self.size:
                 end = start + self.size
-                yield ShardPlan(
-                    self.manifest.kind, index, index * self.size, sources[start:end], captions[start:end]
-                )
+                yield self._plan(index, sources[start:end], captions[start:end], secret)
                 start, index = end, index + 1
-            sources, captions = sources[start:], captions[start:]
+            sources, captions, row = sources[start:], captions[start:], row + start
+            secret = {r: url for r, url in secret.items() if r >= row}
         if sources:
-            yield ShardPlan(self.manifest.kind, index, index * self.size, sources, captions)
+            yield self._plan(index, sources, captions, secret)

@@ -16,6 +16,7 @@ from pipeline.lease import Lease
 from pipeline.manifest import Manifest
 from pipeline.resume import FileCheck, compare
 from pipeline.storage import KINDS, OutputStore
+from pipeline.untrusted import redact_url
 
 
 class JobError(RuntimeError):
@@ -112,6 +113,7 @@ class Preflight:
             )
         for kind, url in self.args.manifests().items():
             before = (old.get("manifests") or {}).get(kind)
+            url = url and redact_url(url, self.cfg.manifest.redact_query_params)  # as stored
             if url and before and before != url:
                 ready.problems.append(
                     f"{out}/{kind} was written from manifest {before}, not {url}; "

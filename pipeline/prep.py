@@ -20,6 +20,7 @@ from pipeline.lease import LeaseError
 from pipeline.manifest import ManifestError
 from pipeline.runner import JobArgs, JobError, PrepJob
 from pipeline.storage import OutputError
+from pipeline.untrusted import DEFAULT_REDACT_PARAMS, redact_text
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if ok else 2
         summary = PrepJob(cfg, job).run()
     except (ConfigError, ManifestError, OutputError, JobError, LeaseError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # The default list: a ConfigError may come before any config exists.
+        print(f"error: {redact_text(str(exc), DEFAULT_REDACT_PARAMS)}", file=sys.stderr)
         return 2
     print(summary.table())
     return 0 if summary.complete else 1

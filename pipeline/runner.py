@@ -31,6 +31,7 @@ from pipeline.preflight import JobArgs, JobError, Preflight, Ready  # noqa: F401
 from pipeline.shard import EncoderActor, ShardTask
 from pipeline.storage import KINDS, OutputStore, json_bytes
 from pipeline.summary import KindStats, Summary
+from pipeline.untrusted import redact_url
 
 
 class Cluster:
@@ -174,7 +175,11 @@ class Finalize:
         self, totals: dict[str, Any] | None, model_ids: dict | None, complete: bool
     ) -> None:
         old = self.store.read_json(self.store.path("dataset.json")) or {}
-        manifests = {k: v or (old.get("manifests") or {}).get(k) for k, v in self.args.manifests().items()}
+        params = self.cfg.manifest.redact_query_params  # a presigned manifest URL is stored redacted
+        manifests = {
+            k: (v and redact_url(v, params)) or (old.get("manifests") or {}).get(k)
+            for k, v in self.args.manifests().items()
+        }
         files = {**(old.get("manifest_files") or {}), **self._file_records()}
         doc = dict(
             format_version=FORMAT_VERSION,

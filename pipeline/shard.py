@@ -13,6 +13,11 @@ ones fail with reason `duplicate`; the driver marks repeats of a source first se
 earlier shard (`ShardPlan.duplicate_of`), so a key appears once per dataset. Any exception from one
 sample becomes that row's failure; only storage errors (the shard cannot be written) fail
 the task.
+
+Untrusted rows (docs/untrusted.md): each source passes `SourcePolicy.check` (protocol, and a
+local path's realpath inside the manifest's roots) before any byte is read; a local file is
+checked again just before decoding, in case it became a symlink meanwhile. Failure details are
+redacted once more on the way into the status table.
 """
 
 from __future__ import annotations
@@ -28,9 +33,10 @@ from typing import Any
 
 from core.shard_format import SampleError, sample_key
 from pipeline.config import PrepConfig
-from pipeline.fetch import Fetcher
+from pipeline.fetch import Fetcher, is_remote
 from pipeline.manifest import ShardPlan
 from pipeline.storage import OutputStore
+from pipeline.untrusted import SourcePolicy, redact_text
 from pipeline.writer import ShardWriter, iter_tar_samples, read_status
 
 # Result of one row: ("ok", key, members) | ("failed", reason, detail)
@@ -182,9 +188,23 @@ class ShardTask:
         frames = self.cfg.video.frames if kind == "video" else 1
         return max(1, self.cfg.models.batch_size // frames)
 
+    def _policy(self, plan: ShardPlan) -> SourcePolicy:
+        return SourcePolicy(tuple(self.cfg.manifest.allowed_protocols), plan.roots)
+
+    @staticmethod
+    def _allowed(policy: SourcePolicy, source: str) -> Result | None:
+        """None if `source` may be read, else its `forbidden_path` failure."""
+        try:
+            policy.check(source)
+        except SampleError as exc:
+            return ("failed", exc.reason, exc.detail)
+        return None
+
     def _triage(self, plan: ShardPlan, kept_keys: set[str]) -> tuple[list[str], dict[int, Result]]:
-        """Keys of every row, and the rows settled before any work (empty, duplicate, kept)."""
+        """Keys of every row, and the rows settled before any work (empty, forbidden, duplicate,
+        kept)."""
         keys, settled, first_row = [], {}, {}
+        policy = self._policy(plan)
         for pos, source in enumerate(plan.sources):
             key = sample_key(source) if source else ""
             keys.append(key)
@@ -192,6 +212,8 @@ class ShardTask:
             if not source:
                 column = "video" if plan.kind == "videos" else "image"
                 settled[pos] = ("failed", "missing_file", f"manifest row {row}: the {column} column is empty")
+            elif (refused := self._allowed(policy, source)) is not None:
+                settled[pos] = refused
             elif key in first_row or pos in plan.duplicate_of:
                 settled[pos] = (
                     "failed",
@@ -231,7 +253,8 @@ class ShardTask:
         else:
             encode = LocalEncode(self.cfg)
         decoder = self._decoder()
-        fetcher = Fetcher(self.cfg.http, self.cfg.storage.options)
+        fetcher = Fetcher(self.cfg.http, self.cfg.storage.options, self.cfg.manifest.redact_query_params)
+        policy = self._policy(plan)
         writer = ShardWriter(self.store, plan.kind, plan.index)
         resolved: dict[int, Result] = dict(settled)
         next_pos = 0
@@ -262,7 +285,9 @@ class ShardTask:
                 timing["encode_s"] += time.perf_counter() - t
 
         try:
-            sources = [None if pos in settled else s for pos, s in enumerate(plan.sources)]
+            sources = [
+                None if pos in settled else plan.fetch_urls.get(pos, s) for pos, s in enumerate(plan.sources)
+            ]
             fetched = fetcher.prefetch(sources)
             batch_samples = self._batch_samples(kind)
             for pos, source in enumerate(plan.sources):
@@ -274,6 +299,8 @@ class ShardTask:
                     continue
                 if error is not None:
                     resolved[pos] = ("failed", error.reason, error.detail)
+                elif not is_remote(source) and (refused := self._allowed(policy, source)) is not None:
+                    resolved[pos] = refused
                 else:
                     t = time.perf_counter()
                     resolved_or_decoded = self._decode(decoder, kind, source, plan.captions[pos], data)
@@ -333,4 +360,5 @@ class ShardTask:
         if res[0] == "ok":
             writer.add_ok(res[1], source, caption, res[2])
         else:
-            writer.add_failed(key, source, caption, res[1], res[2])
+            detail = redact_text(res[2], self.cfg.manifest.redact_query_params)
+            writer.add_failed(key, source, caption, res[1], detail)

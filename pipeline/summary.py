@@ -6,6 +6,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.untrusted import redact_text
+
 
 @dataclass
 class KindStats:
@@ -24,7 +26,8 @@ class KindStats:
         self.shard_stats[int(stats["shard"])] = stats
 
     def add_error(self, index: int, exc: BaseException) -> None:
-        self.errors[index] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc) else ''}"
+        last = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+        self.errors[index] = f"{type(exc).__name__}: {redact_text(last)}"  # no signed URL in the log
 
     @staticmethod
     def totals(shards: list[dict[str, Any]]) -> dict[str, Any]:

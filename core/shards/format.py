@@ -34,6 +34,9 @@ REASONS = (
     "download_error",
     "encode_error",
     "internal_error",
+    "forbidden_path",  # untrusted manifests (docs/untrusted.md): a protocol or folder not allowed
+    "blocked_address",  # ... an internal network address (http.blocked_networks)
+    "opted_out",  # ... the server's X-Robots-Tag forbids this use (noai, ...)
 )
 
 STATUS_COLUMNS = ("key", "source", "caption", "status", "reason", "detail")

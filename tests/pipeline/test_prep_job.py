@@ -28,6 +28,12 @@ def tar_bytes(out: Path) -> dict[str, bytes]:
     return {f"{k}/{p.name}": p.read_bytes() for k in KINDS for p in sorted((out / k).glob("*.tar"))}
 
 
+def with_roots(prep, *folders: Path):
+    """`prep` allowed to read media from `folders` (by default only the manifest's own folder)."""
+    roots = "manifest.allowed_roots=[" + ",".join(str(f) for f in folders) + "]"
+    return lambda *argv: prep(*argv, roots)
+
+
 @pytest.fixture(scope="module")
 def first_run(synthetic, ray_session, tmp_path_factory):
     """10 videos (one corrupt) and the generator's 10 images (4 broken), 4 rows per shard."""
@@ -158,6 +164,7 @@ def test_retry_failed_redoes_only_failed_rows(synthetic, prep, tmp_path):
     rows = pd.concat([good[:1], pd.DataFrame([{"image": str(late), "caption": "arrives late"}]), good[1:]])
     rows.to_parquet(tmp_path / "m.parquet", index=False)
     out = tmp_path / "out"
+    prep = with_roots(prep, synthetic, tmp_path)  # the media live outside the manifest's folder
     assert prep("--images", str(tmp_path / "m.parquet"), "--out", str(out)) == 0
     assert status(out, "images").reason.tolist()[1] == "missing_file"
     first = tar_bytes(out)
@@ -178,6 +185,7 @@ def test_duplicate_sources_fail_with_reason(synthetic, prep, tmp_path):
     rows = pd.concat([good[:2], good[:1], good[2:3], good[:1]])  # shards of 4: [a b a c] [a]
     rows.to_parquet(tmp_path / "m.parquet", index=False)
     out = tmp_path / "out"
+    prep = with_roots(prep, synthetic)
     assert prep("--images", str(tmp_path / "m.parquet"), "--out", str(out)) == 0
     table = status(out, "images")
     # The repeat in shard 1 fails too: a key appears once in the whole dataset.

@@ -109,6 +109,7 @@ def test_http_manifest_and_media_with_retries_and_timeouts(
     files["laion.parquet"] = laion.to_parquet(index=False)
     out = tmp_path / "out"
     http = ["http.timeout_s=1", "http.retries=2", "http.backoff_s=0.05", "http.max_concurrency=4"]
+    http.append("http.allowed_networks=[127.0.0.1]")  # the media server is on loopback (blocked by default)
     assert (
         prep("--images", f"{base}/files/laion.parquet", "--out", str(out), "--samples-per-shard", "6", *http)
         == 0

@@ -180,7 +180,14 @@ def test_listing_finds_committed_shards_only(tmp_path):
 
 def test_http_fetch_retries_and_classifies(media_server):
     base, hits, _ = media_server
-    cfg = load_config(PrepConfig, TINY, ["http.timeout_s=1", "http.retries=2", "http.backoff_s=0.05"]).http
+    # The media server is on loopback, blocked by default: the test carves out 127.0.0.1 only.
+    overrides = [
+        "http.timeout_s=1",
+        "http.retries=2",
+        "http.backoff_s=0.05",
+        "http.allowed_networks=[127.0.0.1]",
+    ]
+    cfg = load_config(PrepConfig, TINY, overrides).http
     fetcher = Fetcher(cfg)
     results = list(
         fetcher.prefetch(
