@@ -1,7 +1,7 @@
 """The job, as steps run in order by `PrepJob.run`: Preflight, Cluster, Dispatch (per kind),
 Finalize. Each step is a small class with one `run` method.
 
-Why this shape (see also `pipeline/shard.py`):
+Why this shape (see also `pipeline/shard.py` and `pipeline/encode_clients.py`):
 - A shard is the unit of work: one Ray task per shard, at most `execution.workers` in flight.
   Shard N is rows N*S..N*S+S-1, so a task's output depends only on its rows: retries and
   reruns are deterministic, and the driver only streams the manifest and counts.
@@ -26,8 +26,9 @@ from typing import Any
 from core.config import ConfigError
 from core.shard_format import FORMAT_VERSION
 from pipeline.config import PrepConfig, output_config, prep_fingerprint, public_config
+from pipeline.encoder_actor import EncoderActor
 from pipeline.manifest import Manifest, SeenSources, ShardPlanner
-from pipeline.shard import EncoderActor, ShardTask
+from pipeline.shard import ShardTask
 from pipeline.storage import KINDS, OutputStore, json_bytes
 from pipeline.summary import KindStats, Summary
 
