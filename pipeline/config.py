@@ -63,6 +63,7 @@ class ExecutionConfig:
     gpus_per_encoder: float = 0.5  # fractional GPUs per encoder actor; 0 = CPU actors
     cpus_per_encoder: float = 1.0  # CPUs reserved per encoder actor (torch threads on CPU)
     batches_in_flight: int = 2  # encode batches a shard task keeps queued at the actors
+    encoder_concurrency: int = 2  # encode calls an actor runs at once (copies overlap compute)
     local_cpus: int = 0  # CPUs of the local cluster started without RAY_ADDRESS; 0 = all
     progress: bool = True  # tqdm bar of shards and samples/s on stderr
 
@@ -96,6 +97,11 @@ class ExecutionConfig:
             isinstance(self.batches_in_flight, int) and self.batches_in_flight >= 1,
             "execution.batches_in_flight",
             f"must be an integer >= 1, got {self.batches_in_flight!r}",
+        )
+        check(
+            isinstance(self.encoder_concurrency, int) and 1 <= self.encoder_concurrency <= 8,
+            "encoder_concurrency",
+            f"must be an integer from 1 to 8 (2-3 keep a GPU busy), got {self.encoder_concurrency!r}",
         )
         check(
             isinstance(self.local_cpus, int) and self.local_cpus >= 0,
@@ -179,8 +185,9 @@ OPERATIONAL = {
     "http": None,
     "storage": None,
     "manifest": ("batch_rows",),
-    "models": ("device", "batch_size"),
-    "video": ("decode_timeout_s", "decode_memory_mb", "decoder_recycle_every"),
+    "models": ("device", "batch_size", "batch_frames"),
+    # The decoder backends agree to within 2/255 per pixel; each sample's KEY.json names its own.
+    "video": ("decode_timeout_s", "decode_memory_mb", "decoder_recycle_every", "decoder"),
 }
 
 

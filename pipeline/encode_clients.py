@@ -33,11 +33,13 @@ def encode_results(encoder: Any, batch: list, size: int) -> list[Result]:
 class LocalEncode:
     """Encode inside the shard task (CPU-only clusters): no pixels cross processes."""
 
-    def __init__(self, cfg: PrepConfig):
+    def __init__(self, cfg: PrepConfig, local_paths: dict[str, str] | None = None):
         from preprocessing.process import Encoder
 
         set_torch_threads(cfg.execution.cpus_per_worker)
-        self.encoder = WORKER_CACHE.get("encoder", cfg.models, lambda: Encoder(cfg.models))
+        self.encoder = WORKER_CACHE.get(
+            "encoder", (cfg.models, local_paths), lambda: Encoder(cfg.models, local_paths=local_paths)
+        )
         self.model_ids = self.encoder.model_ids
 
     def submit(self, batch: list, size: int) -> list[Result]:
@@ -48,17 +50,25 @@ class LocalEncode:
 
 
 class ActorEncode:
-    """Round-robin over the encoder actors; results are awaited in submission order."""
+    """Round-robin over the encoder actors on this task's Ray node (any actor only when the
+    node has none: on a 125-node cluster, cluster-wide round-robin would send ~124/125 of the
+    batches across the network); results are awaited in submission order."""
 
-    def __init__(self, actors: list, offset: int, model_ids: dict[str, Any]):
+    def __init__(self, actors: list, offset: int, model_ids: dict[str, Any],
+                 actor_nodes: list[str] | None = None, node: str | None = None):
         # model_ids come from the driver: asking an actor would queue behind its backlog.
-        self.actors = actors
+        nodes = actor_nodes or []
+        local = [a for a, n in zip(actors, nodes) if node is not None and n == node]
+        self.actors = local or actors
+        self.same_node = bool(local)
         self.turn = offset
         self.model_ids = model_ids
 
     def submit(self, batch: list, size: int):
         actor = self.actors[self.turn % len(self.actors)]
         self.turn += 1
+        if not self.same_node:  # a local path means nothing on another node: send the bytes
+            batch = [_with_bytes(d) for d in batch]
         return actor.encode.remote(batch, size)
 
     def result(self, handle, batch: list) -> list[Result]:
@@ -69,3 +79,14 @@ class ActorEncode:
         except Exception as exc:  # the actor died or raised: these samples failed, not the job
             detail = f"encoder actor failed: {type(exc).__name__}: {str(exc)[:300]}"
             return [("failed", "encode_error", f"{d.source}: {detail}") for d in batch]
+
+
+def _with_bytes(d: Any) -> Any:
+    """A probed clip (GPU decode on the actor) with its file's bytes instead of a local path."""
+    if getattr(d, "pixels", True) is not None or d.data is not None:
+        return d
+    from dataclasses import replace
+
+    from preprocessing.process import read_local
+
+    return replace(d, data=read_local(d.source))

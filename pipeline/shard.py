@@ -102,12 +102,16 @@ class ShardTask:
         fingerprint: str,
         actors: list | None = None,
         actor_model_ids: dict[str, Any] | None = None,
+        actor_nodes: list[str] | None = None,
+        local_paths: dict[str, str] | None = None,
     ):
         self.cfg = cfg
         self.store = OutputStore(out, cfg.storage.options)
         self.fingerprint = fingerprint
         self.actors = actors or []
         self.actor_model_ids = actor_model_ids or {}
+        self.actor_nodes = actor_nodes or []  # Ray node id of each actor
+        self.local_paths = local_paths or {}  # hub models the driver fetched (placement.py)
 
     def _decoder(self):
         from preprocessing.process import Decoder
@@ -119,14 +123,18 @@ class ShardTask:
         )
 
     def _batch_samples(self, kind: str) -> int:
-        # models.batch_size counts frames per forward pass; send about that many per encode call.
+        # Samples per encode call: as many clips (or images) as fit the frame budget
+        # models.batch_frames (models.batch_size when 0), at least one.
         frames = self.cfg.video.frames if kind == "video" else 1
-        return max(1, self.cfg.models.batch_size // frames)
+        return max(1, self.cfg.models.frames_per_call() // frames)
 
     def _encode_client(self, task_offset: int):
         if self.actors:
-            return ActorEncode(self.actors, task_offset, self.actor_model_ids)
-        return LocalEncode(self.cfg)
+            import ray
+
+            node = ray.get_runtime_context().get_node_id()
+            return ActorEncode(self.actors, task_offset, self.actor_model_ids, self.actor_nodes, node)
+        return LocalEncode(self.cfg, self.local_paths)
 
     def _triage(self, plan: ShardPlan, kept_keys: set[str]) -> tuple[list[str], dict[int, Result]]:
         """Keys of every row, and the rows settled before any work (empty, duplicate, kept)."""

@@ -1,0 +1,57 @@
+"""`ActorEncode` keeps batches on the task's own Ray node, and sends file bytes, not a local
+path, to an actor elsewhere; the frame budget decides how many clips one encode call carries."""
+
+from __future__ import annotations
+
+from core.config import load_config
+from pipeline.config import PrepConfig
+from pipeline.encode_clients import ActorEncode
+from pipeline.shard import ShardTask
+from preprocessing.process import Decoded
+
+
+class Remote:
+    """Stands in for an actor handle: records what `encode.remote` was given."""
+
+    def __init__(self, name: str):
+        self.name, self.calls = name, []
+        self.encode = self
+
+    def remote(self, batch, size):
+        self.calls.append((batch, size))
+        return self.name
+
+
+def probed(path: str) -> Decoded:
+    return Decoded(key="ab", kind="video", source=path, caption="c", pixels=None, meta={})
+
+
+def test_batches_stay_on_the_tasks_node(tmp_path):
+    actors = [Remote("a0"), Remote("b0"), Remote("a1")]
+    nodes = ["A", "B", "A"]
+    enc = ActorEncode(actors, 0, {}, nodes, node="A")
+    assert [enc.submit([probed("x")], 1) for _ in range(4)] == ["a0", "a1", "a0", "a1"]
+    assert actors[1].calls == []
+    assert actors[0].calls[0][0][0].data is None  # same node: the actor opens the local path
+
+
+def test_any_actor_when_the_node_has_none_and_bytes_travel(tmp_path):
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    actors = [Remote("a0"), Remote("b0")]
+    enc = ActorEncode(actors, 1, {}, ["A", "B"], node="C")
+    assert [enc.submit([probed(str(clip))], 1) for _ in range(3)] == ["b0", "a0", "b0"]
+    sent = actors[1].calls[0][0][0]
+    assert sent.data == clip.read_bytes() and sent.source == str(clip)
+
+
+def test_frame_budget_sets_clips_per_call():
+    tiny = "configs/prep/tiny.yaml"
+    for overrides, video, image in (
+        ([], 2, 16),  # batch_frames 0 = batch_size 16: 2 clips of 8 frames
+        (["models.batch_frames=64"], 8, 64),
+        (["models.batch_frames=4"], 1, 4),  # a clip never splits: at least one per call
+    ):
+        cfg = load_config(PrepConfig, tiny, overrides)
+        task = ShardTask(cfg, "/tmp/unused-out", "fp")
+        assert (task._batch_samples("video"), task._batch_samples("image")) == (video, image), overrides
