@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 # section -> seconds it may take on one H100/H200 (8 minutes in all, with start-up)
-BUDGET_S = {"encoders": 60, "prep": 150, "nvdec_path": 30, "unet": 80, "image": 40, "zero2": 110}
+BUDGET_S = {"encoders": 60, "prep": 140, "nvdec_path": 30, "unet": 80, "image": 40, "zero2": 100}
 REHEARSAL_BUDGET_S = {"encoders": 120, "prep": 400, "nvdec_path": 120, "unet": 120, "image": 60, "zero2": 300}
 
 
@@ -113,6 +113,9 @@ def main() -> int:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d-%H%M")
     report = dict(date=stamp, device=device_name(args.cpu_rehearsal), rehearsal=args.cpu_rehearsal,
                   sections={})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = out / (f"gpu-{stamp}" + ("-cpu-rehearsal" if args.cpu_rehearsal else ""))
     for name in args.sections.split(","):
         cmd = [sys.executable, __file__, "--section", name, "--workdir", str(workdir)]
         cmd += ["--cpu-rehearsal"] if args.cpu_rehearsal else []
@@ -128,11 +131,9 @@ def main() -> int:
         report["sections"][name] = sec
         flag = " ERROR" if "error" in sec else ""
         print(f"{name}: {sec['seconds']:.0f} s{flag}", file=sys.stderr, flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    base = out / (f"gpu-{stamp}" + ("-cpu-rehearsal" if args.cpu_rehearsal else ""))
-    base.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    base.with_suffix(".md").write_text(markdown(report))
+        # after every section: a run stopped by the outer time limit still leaves its tables
+        base.with_suffix(".json").write_text(json.dumps(report, indent=1))
+        base.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
     return 1 if any("error" in s for s in report["sections"].values()) else 0
 

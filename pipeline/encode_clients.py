@@ -89,4 +89,7 @@ def _with_bytes(d: Any) -> Any:
 
     from preprocessing.process import read_local
 
-    return replace(d, data=read_local(d.source))
+    try:
+        return replace(d, data=read_local(d.source))
+    except SampleError:  # gone since the probe: the actor's decode fails and names the file
+        return d

@@ -16,6 +16,7 @@ the sample's KEY.json records why (`decoder_fallback`).
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import Any
 
 import torch
@@ -82,10 +83,16 @@ class FrameDecoder:
         return dec.get_frames_at(indices).data  # uint8 [F,3,H,W] on the device
 
     def _frames_pynvvideocodec(self, source: str | bytes, indices: list[int]) -> torch.Tensor:
+        import tempfile
+
         import PyNvVideoCodec as nvc
 
-        if isinstance(source, bytes):
-            raise RuntimeError("PyNvVideoCodec's SimpleDecoder reads files; got bytes")
+        if isinstance(source, bytes):  # SimpleDecoder reads files: bytes from another node go to RAM disk
+            shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            with tempfile.NamedTemporaryFile(dir=shm, suffix=".video") as fh:
+                fh.write(source)
+                fh.flush()
+                return self._frames_pynvvideocodec(fh.name, indices)
         gpu = int(self.device.split(":")[1]) if ":" in self.device else torch.cuda.current_device()
         dec = nvc.SimpleDecoder(source, gpu_id=gpu, use_device_memory=True,
                                 output_color_type=nvc.OutputColorType.RGBP)
