@@ -3,6 +3,8 @@ path, to an actor elsewhere; the frame budget decides how many clips one encode 
 
 from __future__ import annotations
 
+import pytest
+
 from core.config import load_config
 from pipeline.config import PrepConfig
 from pipeline.encode_clients import ActorEncode
@@ -55,3 +57,20 @@ def test_frame_budget_sets_clips_per_call():
         cfg = load_config(PrepConfig, tiny, overrides)
         task = ShardTask(cfg, "/tmp/unused-out", "fp")
         assert (task._batch_samples("video"), task._batch_samples("image")) == (video, image), overrides
+
+
+@pytest.mark.slow
+def test_decoder_and_device_errors_before_any_row(prep, synthetic, ray_session, tmp_path, capsys):
+    """On the session's CPU-only Ray instance: nvdec and CUDA are one clear error, no shard."""
+    good = str(synthetic / "ten.parquet")
+    cases = [
+        (["video.decoder=nvdec", "execution.encoders=1", "execution.gpus_per_encoder=0"], "video.decoder"),
+        (["models.device=cuda"], "models.device"),
+        (["models.device=cuda:1", "execution.encoders=0"], "no GPUs"),
+    ]
+    for i, (overrides, message) in enumerate(cases):
+        out = tmp_path / f"o{i}"
+        assert prep("--videos", good, "--out", str(out), *overrides) == 2
+        err = capsys.readouterr().err
+        assert message in err and "config field" in err, err
+        assert not list(out.glob("videos/*.tar"))
