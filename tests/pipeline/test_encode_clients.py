@@ -3,6 +3,8 @@ path, to an actor elsewhere; the frame budget decides how many clips one encode 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from core.config import load_config
@@ -10,6 +12,8 @@ from pipeline.config import PrepConfig
 from pipeline.encode_clients import ActorEncode
 from pipeline.shard import ShardTask
 from preprocessing.process import Decoded
+
+TINY = str(Path(__file__).resolve().parents[2] / "configs" / "prep" / "tiny.yaml")
 
 
 class Remote:
@@ -48,7 +52,7 @@ def test_any_actor_when_the_node_has_none_and_bytes_travel(tmp_path):
 
 
 def test_frame_budget_sets_clips_per_call():
-    tiny = "configs/prep/tiny.yaml"
+    tiny = TINY
     for overrides, video, image in (
         ([], 2, 16),  # batch_frames 0 = batch_size 16: 2 clips of 8 frames
         (["models.batch_frames=64"], 8, 64),
@@ -74,3 +78,31 @@ def test_decoder_and_device_errors_before_any_row(prep, synthetic, ray_session, 
         err = capsys.readouterr().err
         assert message in err and "config field" in err, err
         assert not list(out.glob("videos/*.tar"))
+
+
+def test_hub_models_resolve_on_the_driver_or_fail_naming_the_field(tmp_path):
+    """Local and tiny models need nothing; a hub id the driver cannot fetch is one ConfigError.
+    Run offline against a closed local endpoint: no traffic leaves 127.0.0.1."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.placement import local_model_paths
+
+    assert local_model_paths(load_config(PrepConfig, TINY)) == {}
+    (tmp_path / "vae").mkdir()
+    cfg = load_config(PrepConfig, TINY, [f"models.vae={tmp_path / 'vae'}"])
+    assert local_model_paths(cfg) == {}
+    code = (
+        "from core.config import ConfigError, load_config\n"
+        "from pipeline.config import PrepConfig\n"
+        "from pipeline.placement import local_model_paths\n"
+        "cfg = load_config(PrepConfig, 'configs/prep/tiny.yaml', ['models.vae=someone/some-vae'])\n"
+        "try:\n    local_model_paths(cfg)\nexcept ConfigError as exc:\n    print('FIELD', exc.field, exc)\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(repo), HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9",
+               HF_HOME=str(tmp_path / "hf"))
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert "FIELD models.vae" in done.stdout and "someone/some-vae" in done.stdout, done.stdout + done.stderr
