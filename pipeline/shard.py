@@ -39,9 +39,9 @@ class RowFlow:
     """A run's rows between decode and the writer: the open batch, the batches in flight at
     the encoder, and the reorder buffer of settled rows the writer takes in order."""
 
-    def __init__(self, task: ShardTask, plan: ShardPlan, keys: list[str], settled: dict[int, Result],
+    def __init__(self, plan: ShardPlan, keys: list[str], settled: dict[int, Result],
                  encode: Any, writer: ShardWriter, old_samples: Any, batch_samples: int):
-        self.task, self.plan, self.keys = task, plan, keys
+        self.plan, self.keys = plan, keys
         self.encode, self.writer, self.old_samples = encode, writer, old_samples
         self.batch_samples = batch_samples
         self.resolved: dict[int, Result] = dict(settled)
@@ -80,10 +80,27 @@ class RowFlow:
         t = time.perf_counter()
         while self.next_pos in self.resolved:
             pos = self.next_pos
-            self.task._write(self.writer, self.plan, pos, self.keys[pos], self.resolved.pop(pos),
-                             self.old_samples)
+            self._write(pos, self.resolved.pop(pos))
             self.next_pos += 1
         self.timing["write_s"] += time.perf_counter() - t
+
+    def _write(self, pos: int, res: Result) -> None:
+        plan, writer, key = self.plan, self.writer, self.keys[pos]
+        source = plan.sources[pos] or ""
+        caption = plan.captions[pos]
+        caption = None if caption is None else str(caption)
+        if res[0] == "kept":
+            for old_key, members in self.old_samples:
+                if old_key == key:
+                    writer.add_ok(key, source, caption, members)
+                    return
+            raise RuntimeError(
+                f"{plan.kind}/{plan.index:06d}: sample {key} is in the status table but not the tar"
+            )
+        if res[0] == "ok":
+            writer.add_ok(res[1], source, caption, res[2])
+        else:
+            writer.add_failed(key, source, caption, res[1], res[2])
 
     def drain(self) -> None:
         if self.batch:
@@ -183,7 +200,7 @@ class ShardTask:
         decoder = self._decoder()
         fetcher = Fetcher(self.cfg.http, self.cfg.storage.options)
         writer = ShardWriter(self.store, plan.kind, plan.index)
-        flow = RowFlow(self, plan, keys, settled, encode, writer, old_samples, self._batch_samples(kind))
+        flow = RowFlow(plan, keys, settled, encode, writer, old_samples, self._batch_samples(kind))
         timing = flow.timing
         try:
             sources = [None if pos in settled else s for pos, s in enumerate(plan.sources)]
@@ -232,22 +249,3 @@ class ShardTask:
         except Exception as exc:  # a bug on one odd file must not kill the shard
             last = traceback.format_exc().strip().splitlines()[-1]
             return ("failed", "internal_error", f"{source}: {type(exc).__name__}: {last[:300]}")
-
-    def _write(
-        self, writer: ShardWriter, plan: ShardPlan, pos: int, key: str, res: Result, old_samples
-    ) -> None:
-        source = plan.sources[pos] or ""
-        caption = plan.captions[pos]
-        caption = None if caption is None else str(caption)
-        if res[0] == "kept":
-            for old_key, members in old_samples:
-                if old_key == key:
-                    writer.add_ok(key, source, caption, members)
-                    return
-            raise RuntimeError(
-                f"{plan.kind}/{plan.index:06d}: sample {key} is in the status table but not the tar"
-            )
-        if res[0] == "ok":
-            writer.add_ok(res[1], source, caption, res[2])
-        else:
-            writer.add_failed(key, source, caption, res[1], res[2])
