@@ -221,7 +221,23 @@ def _timed_job(cfg, out: Path, manifest: Path) -> dict:
     clips = totals.get("ok", 0) + totals.get("failed", 0)
     return dict(ok=totals.get("ok"), failed=totals.get("failed"), reasons=totals.get("reasons"),
                 workers=workers, actors=len(actors), dispatch_s=seconds, clips_s=clips / seconds,
-                job_s=time.perf_counter() - start)
+                job_s=time.perf_counter() - start, **_decoders_used(out))
+
+
+def _decoders_used(out: Path) -> dict:
+    """Which decoder each written clip names in its KEY.json, and the first fallback reason."""
+    import tarfile
+    from collections import Counter
+
+    used, fallback = Counter(), None
+    for path in sorted((out / "videos").glob("*.tar")):
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(member).read())
+                    used[meta.get("decoder")] += 1
+                    fallback = fallback or meta.get("decoder_fallback")
+    return dict(decoders=dict(used), fallback=fallback)
 
 
 def nvdec_path(sizes: Sizes, workdir: Path) -> dict:

@@ -75,12 +75,21 @@ class FrameDecoder:
         from torchcodec import decoders
 
         backend = getattr(decoders, "set_cuda_backend", None)
+        first = None
         if backend is not None and self.device.startswith("cuda"):
-            with backend("beta"):  # torchcodec's own NVDEC path, independent of FFmpeg's hwaccel
-                dec = decoders.VideoDecoder(source, device=self.device, seek_mode="exact")
-        else:
+            try:
+                with backend("beta"):  # torchcodec's own NVDEC path, independent of FFmpeg's hwaccel
+                    dec = decoders.VideoDecoder(source, device=self.device, seek_mode="exact")
+                return dec.get_frames_at(indices).data
+            except Exception as exc:  # next: FFmpeg's NVDEC (needs an FFmpeg built with cuvid)
+                first = f"beta backend: {type(exc).__name__}: {str(exc)[:150]}"
+        try:
             dec = decoders.VideoDecoder(source, device=self.device, seek_mode="exact")
-        return dec.get_frames_at(indices).data  # uint8 [F,3,H,W] on the device
+            return dec.get_frames_at(indices).data  # uint8 [F,3,H,W] on the device
+        except Exception as exc:
+            if first is None:
+                raise
+            raise RuntimeError(f"{first}; ffmpeg backend: {type(exc).__name__}: {str(exc)[:150]}") from None
 
     def _frames_pynvvideocodec(self, source: str | bytes, indices: list[int]) -> torch.Tensor:
         import tempfile

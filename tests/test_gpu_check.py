@@ -82,6 +82,7 @@ def test_whole_rehearsal_writes_the_report(tmp_path):
     prep = {r["decoder"]: r for r in report["sections"]["prep"]["rows"]}
     assert set(prep) == {"decord", "torchcodec"}
     assert all(r["ok"] == 4 and r["failed"] == 0 for r in prep.values())
+    assert {k: r["decoders"] for k, r in prep.items()} == {k: {k: 4} for k in ("decord", "torchcodec")}
     zero = report["sections"]["zero2"]["rows"][0]
     assert zero["rc"] == 0 and zero["steps"] == 2 and zero["backend"] == "gloo"
     assert next(tmp_path.glob("gpu-*-cpu-rehearsal.md")).read_text().startswith("# GPU check")
