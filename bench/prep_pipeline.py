@@ -45,8 +45,9 @@ sys.path.insert(0, str(ROOT))
 from core.config import load_config  # noqa: E402
 from core.shard_format import SampleError, SampleRecord, sample_key  # noqa: E402
 from pipeline.config import PrepConfig  # noqa: E402
+from pipeline.encode_clients import encode_results  # noqa: E402
 from pipeline.runner import JobArgs, PrepJob  # noqa: E402
-from pipeline.shard import encode_results, set_torch_threads  # noqa: E402
+from pipeline.worker_env import set_torch_threads  # noqa: E402
 from pipeline.writer import tar_info  # noqa: E402
 
 

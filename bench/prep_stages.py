@@ -6,7 +6,8 @@
    decode (isolated child: probe + decord get_batch of the selected frames, cropped to the
    source box, sent in chunks; worker: antialiased resize to W×H), transform (uint8 -> [-1,1]
    VAE input and the semantic model's square crop/resize/normalise), VAE tiny, semantic tiny.
-2. Ratio of the project's decode of 32 frames at 448×256 from a 640×360 h264 file to a bare
+2. Ratio of the project's decode (video.decoder=decord; torchcodec shown beside it)
+   of 32 frames at 448×256 from a 640×360 h264 file to a bare
    `decord.VideoReader(path).get_batch(indices)` on the same indices (target <= 1.3).
 3. Worker RSS before and after `--decodes` decodes (target growth <= 10%).
 """
@@ -89,21 +90,25 @@ def decode_ratio(root: Path, repeats: int) -> dict[str, tuple[float, float]]:
     frames, _ = render_clip(np.random.default_rng(1), 640, 360, 120, 24.0, 80.0, (1, 0), 0.5)
     write_video(path, frames, "libx264", Fraction(24))
     me = psutil.Process()
-    runs: dict[str, list[tuple[float, float]]] = {"ours": [], "bare": [], "bare+resize": []}
-    with Decoder(VideoConfig(decoder_recycle_every=10_000), ImageConfig()) as dec:
+    runs: dict[str, list[tuple[float, float]]] = {"ours": [], "torchcodec": [], "bare": [], "bare+resize": []}
+    tc_cfg = VideoConfig(decoder_recycle_every=10_000, decoder="torchcodec")
+    with Decoder(VideoConfig(decoder_recycle_every=10_000), ImageConfig()) as dec, \
+            Decoder(tc_cfg, ImageConfig()) as tc:
         indices = dec.decode("video", str(path), "warm-up").meta["frame_indices"]
-        child = psutil.Process(dec._videos.pid)
+        tc.decode("video", str(path), "warm-up")
+        children = [psutil.Process(dec._videos.pid), psutil.Process(tc._videos.pid)]
         bare = lambda: decord.VideoReader(str(path)).get_batch(indices).asnumpy()  # noqa: E731
         jobs = {
             "ours": lambda: dec.decode("video", str(path), "a clip"),
+            "torchcodec": lambda: tc.decode("video", str(path), "a clip"),
             "bare": bare,
             "bare+resize": lambda: resize_cover(bare(), 448, 256).copy(),
         }
         for _ in range(repeats):  # interleaved, so load from other processes hits all alike
             for name, job in jobs.items():
-                c0, t0 = _cpu(me, child), time.perf_counter()
+                c0, t0 = _cpu(me, *children), time.perf_counter()
                 job()
-                runs[name].append((time.perf_counter() - t0, _cpu(me, child) - c0))
+                runs[name].append((time.perf_counter() - t0, _cpu(me, *children) - c0))
     # CPU ticks are 10 ms coarse: the mean of many runs is unbiased, the median is not
     return {k: (statistics.median(w for w, _ in v), statistics.mean(c for _, c in v))
             for k, v in runs.items()}
@@ -148,7 +153,8 @@ def main() -> None:
     print("\nDecode of 32 frames at 448x256 from a 640x360 h264 file (wall: median, CPU: mean of "
           f"{args.repeats}, interleaved; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores):")
     print(f"| {'':<40} | {'wall ms':>8} | {'CPU ms':>8} |")
-    names = {"ours": "project Decoder.decode (isolated)", "bare": "bare decord get_batch",
+    names = {"ours": "project Decoder.decode (isolated)", "torchcodec": "video.decoder=torchcodec (isolated)",
+             "bare": "bare decord get_batch",
              "bare+resize": "bare decord + same resize, in-process"}
     for key, label in names.items():
         print(f"| {label:<40} | {ratio[key][0] * 1e3:8.1f} | {ratio[key][1] * 1e3:8.1f} |")

@@ -49,7 +49,7 @@ class SemanticModel(torch.nn.Module):
                  dtype: torch.dtype = torch.float32):
         super().__init__()
         self.spec = spec
-        self.model_id = spec if checkpoint is None else f"{spec}@{os.path.abspath(checkpoint)}"
+        self.model_id = self.id_for(spec, checkpoint)
         mean, std = IMAGENET_MEAN, IMAGENET_STD
         if spec.startswith("open_clip:"):
             if checkpoint is not None:
@@ -70,6 +70,11 @@ class SemanticModel(torch.nn.Module):
         self.register_buffer("mean", torch.tensor(mean, device=device).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, device=device).view(1, 3, 1, 1), persistent=False)
         self.dtype = dtype
+
+    @staticmethod
+    def id_for(spec: str, checkpoint: str | None) -> str:
+        """The id recorded in shards: the spec, and the weights file when one was configured."""
+        return spec if checkpoint is None else f"{spec}@{os.path.abspath(checkpoint)}"
 
     @staticmethod
     def _timm(spec: str, checkpoint: str | None):

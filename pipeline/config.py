@@ -101,6 +101,7 @@ class ExecutionConfig:
     gpus_per_encoder: float = 0.5  # fractional GPUs per encoder actor; 0 = CPU actors
     cpus_per_encoder: float = 1.0  # CPUs reserved per encoder actor (torch threads on CPU)
     batches_in_flight: int = 2  # encode batches a shard task keeps queued at the actors
+    encoder_concurrency: int = 2  # encode calls an actor runs at once (copies overlap compute)
     local_cpus: int = 0  # CPUs of the local cluster started without RAY_ADDRESS; 0 = all
     progress: bool = True  # tqdm bar of shards and samples/s on stderr
     # A second job on the same output refuses unless the holder's heartbeat is older than this.
@@ -141,6 +142,11 @@ class ExecutionConfig:
             isinstance(self.lease_timeout_s, (int, float)) and self.lease_timeout_s > 0,
             "lease_timeout_s",
             f"must be a number of seconds > 0, got {self.lease_timeout_s!r}",
+        )
+        check(
+            isinstance(self.encoder_concurrency, int) and 1 <= self.encoder_concurrency <= 8,
+            "encoder_concurrency",
+            f"must be an integer from 1 to 8 (2-3 keep a GPU busy), got {self.encoder_concurrency!r}",
         )
         check(
             isinstance(self.local_cpus, int) and self.local_cpus >= 0,
@@ -243,8 +249,9 @@ OPERATIONAL = {
     "storage": None,
     # Which rows may be read is policy, not encoding: widening it then --retry-failed must work.
     "manifest": ("batch_rows", "allowed_roots", "allowed_protocols"),
-    "models": ("device", "batch_size"),
-    "video": ("decode_timeout_s", "decode_memory_mb", "decoder_recycle_every"),
+    "models": ("device", "batch_size", "batch_frames"),
+    # The decoder backends agree to within 2/255 per pixel; each sample's KEY.json names its own.
+    "video": ("decode_timeout_s", "decode_memory_mb", "decoder_recycle_every", "decoder"),
 }
 
 

@@ -1,7 +1,7 @@
 """The job, as steps run in order by `PrepJob.run`: Preflight, Cluster, Dispatch (per kind),
 Finalize. Each step is a small class with one `run` method.
 
-Why this shape (see also `pipeline/shard.py`):
+Why this shape (see also `pipeline/shard.py` and `pipeline/encode_clients.py`):
 - A shard is the unit of work: one Ray task per shard, at most `execution.workers` in flight.
   Shard N is rows N*S..N*S+S-1, so a task's output depends only on its rows: retries and
   reruns are deterministic, and the driver only streams the manifest and counts.
@@ -9,6 +9,9 @@ Why this shape (see also `pipeline/shard.py`):
   the semantic model live in encoder actors holding `execution.gpus_per_encoder` of a GPU:
   many shard tasks feed each actor and keep `batches_in_flight` batches queued there, so a
   GPU always has a batch waiting while CPUs decode the next ones.
+- Shard tasks send batches to actors on their own Ray node when it has any; actors are async
+  (`execution.encoder_concurrency` calls at once) and load models from local paths the driver
+  resolved once (`pipeline/placement.py`).
 - On a CPU-only cluster the default (`encoders: -1`) encodes inside the shard task instead:
   a CPU actor would only add a copy of every frame through the object store and a second
   process competing for the same cores. `execution.encoders: N` with `gpus_per_encoder: 0`
@@ -25,10 +28,12 @@ from typing import Any
 from core.config import ConfigError
 from core.shard_format import FORMAT_VERSION
 from pipeline.config import PrepConfig, output_config, public_config
+from pipeline.encoder_actor import EncoderActor
 from pipeline.lease import Lease
 from pipeline.manifest import Manifest, SeenSources, ShardPlanner
+from pipeline.placement import actor_env, check_decoder, check_devices, local_model_paths
 from pipeline.preflight import JobArgs, JobError, Preflight, Ready  # noqa: F401  (public names)
-from pipeline.shard import EncoderActor, ShardTask
+from pipeline.shard import ShardTask
 from pipeline.storage import KINDS, OutputStore, json_bytes
 from pipeline.summary import KindStats, Summary
 from pipeline.untrusted import redact_url
@@ -41,6 +46,8 @@ class Cluster:
         self.cfg = cfg
         self.started_here = False
         self.model_ids: dict[str, Any] = {}
+        self.actor_nodes: list[str] = []
+        self.local_paths: dict[str, str] = {}
 
     def run(self) -> tuple[int, list]:
         import ray
@@ -71,12 +78,26 @@ class Cluster:
                 f"config field 'execution.gpus_per_encoder': {ex.gpus_per_encoder:g} GPUs per "
                 f"encoder but the cluster has {gpus:g}; set it to 0 for CPU encoder actors"
             )
+        check_devices(self.cfg, gpus, encoders)
+        check_decoder(self.cfg)
+        self.local_paths = local_model_paths(self.cfg)
         # A crash on one batch fails that batch only (no task retry) and the actor comes back.
+        # Actors never reach the hub: they load what the driver fetched (`local_paths`).
+        env = actor_env(self.cfg) if encoders else {}
+        if self.local_paths:
+            env["HF_HUB_OFFLINE"] = "1"
         actor_cls = ray.remote(EncoderActor).options(
-            num_cpus=ex.cpus_per_encoder, num_gpus=ex.gpus_per_encoder, max_restarts=-1, max_task_retries=0
+            num_cpus=ex.cpus_per_encoder, num_gpus=ex.gpus_per_encoder, max_restarts=-1, max_task_retries=0,
+            max_concurrency=ex.encoder_concurrency, runtime_env={"env_vars": env} if env else None,
         )
-        actors = [actor_cls.remote(self.cfg) for _ in range(encoders)]
-        self.model_ids = ray.get(actors[0].model_ids.remote()) if actors else {}
+        actors = [actor_cls.remote(self.cfg, self.local_paths) for _ in range(encoders)]
+        try:
+            self.model_ids = ray.get(actors[0].model_ids.remote()) if actors else {}
+            self.actor_nodes = ray.get([a.node_id.remote() for a in actors])
+        except ray.exceptions.RayActorError as exc:  # the models or the GPU decoder cannot load
+            for actor in actors:
+                ray.kill(actor)
+            raise JobError(f"the encoder actors cannot start: {str(exc)[-1500:]}") from None
         return workers, actors
 
     def shutdown(self, actors: list) -> None:
@@ -273,7 +294,7 @@ class PrepJob:
             workers, actors = cluster.run()
             summary = Summary(out=self.args.out, workers=workers, encoders=len(actors))
             task = ShardTask(self.cfg, self.args.out, fingerprint, actors, cluster.model_ids,
-                             run_id=lease.run_id)
+                             cluster.actor_nodes, cluster.local_paths, run_id=lease.run_id)
             dispatch = Dispatch(self.cfg, store, ray.put(task), workers, self.args.retry_failed, lease)
             for kind, manifest in ready.manifests.items():
                 dispatch.run(manifest, summary.kind(kind))

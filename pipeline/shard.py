@@ -3,10 +3,12 @@
 Rows flow in manifest order: fetch (remote media, prefetched by a thread pool) -> decode
 (CPU, this worker's `Decoder`, its video child process) -> encode, in batches, either here
 (`LocalEncode`) or by the encoder actors (`ActorEncode`) while this task decodes the next
-batch -> the tar writer, which takes rows strictly in order from a small reorder buffer.
+batch -> the tar writer, which takes rows strictly in order from a small reorder buffer
+(`RowFlow`, the one object holding a run's state).
 
 Every encode call gets exactly `batch_samples` samples (a short batch is padded, see
-`encode_results`): identical inputs give byte-identical tars even when a neighbour failed.
+`encode_clients.encode_results`): identical inputs give byte-identical tars even when a
+neighbour failed.
 
 Duplicates are found before any work: the first row with a given source keeps the key, later
 ones fail with reason `duplicate`; the driver marks repeats of a source first seen in an
@@ -22,10 +24,6 @@ redacted once more on the way into the status table.
 
 from __future__ import annotations
 
-import ctypes
-import json
-import platform
-import sys
 import time
 import traceback
 from collections import deque
@@ -33,127 +31,89 @@ from typing import Any
 
 from core.shard_format import SampleError, sample_key
 from pipeline.config import PrepConfig
+from pipeline.encode_clients import ActorEncode, LocalEncode, Result
 from pipeline.fetch import Fetcher, is_remote
 from pipeline.manifest import ShardPlan
 from pipeline.storage import OutputStore
 from pipeline.untrusted import SourcePolicy, redact_text
+from pipeline.worker_cache import WORKER_CACHE
+from pipeline.worker_env import keep_heap_pages
 from pipeline.writer import ShardWriter, iter_tar_samples, read_status
 
-# Result of one row: ("ok", key, members) | ("failed", reason, detail)
-Result = tuple
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-_WORKER: dict[str, tuple[str, Any]] = {}  # per worker process: models and decoders stay loaded
+class RowFlow:
+    """A run's rows between decode and the writer: the open batch, the batches in flight at
+    the encoder, and the reorder buffer of settled rows the writer takes in order."""
 
+    def __init__(self, plan: ShardPlan, keys: list[str], settled: dict[int, Result],
+                 encode: Any, writer: ShardWriter, old_samples: Any, batch_samples: int,
+                 redact_params: tuple[str, ...] = ()):
+        self.plan, self.keys, self.redact_params = plan, keys, redact_params
+        self.encode, self.writer, self.old_samples = encode, writer, old_samples
+        self.batch_samples = batch_samples
+        self.resolved: dict[int, Result] = dict(settled)
+        self.next_pos = 0
+        self.batch: list[tuple[int, Any]] = []
+        self.in_flight: deque = deque()
+        self.timing = dict(fetch_s=0.0, decode_s=0.0, encode_s=0.0, write_s=0.0)
 
-def _cached(slot: str, config: Any, build):
-    """One object per worker process and config; a new config replaces (and closes) the old."""
-    key = json.dumps(config, sort_keys=True, default=str)
-    held = _WORKER.get(slot)
-    if held is None or held[0] != key:
-        if held is not None and hasattr(held[1], "close"):
-            held[1].close()
-        _WORKER[slot] = (key, build())
-    return _WORKER[slot][1]
+    def settle(self, pos: int, res: Result) -> None:
+        self.resolved[pos] = res
 
+    def add(self, pos: int, decoded: Any, batches_in_flight: int) -> None:
+        """Queue one decoded row; a full batch goes to the encoder."""
+        self.batch.append((pos, decoded))
+        if len(self.batch) >= self.batch_samples:
+            self.send()
+            self.collect(batches_in_flight)
 
-def keep_heap_pages() -> bool:
-    """glibc: keep freed tensor buffers (up to 32 MB each, 256 MB at the heap top) for reuse.
+    def send(self) -> None:
+        t = time.perf_counter()
+        items, self.batch = self.batch, []
+        self.in_flight.append((items, self.encode.submit([d for _, d in items], self.batch_samples)))
+        self.timing["encode_s"] += time.perf_counter() - t
 
-    In Ray worker processes glibc's adaptive mmap threshold does not take effect: every VAE
-    activation was a fresh mmap, and the page faults cost ~40% extra CPU per sample
-    (measured: 0.55 s of system time per 48 tiny clips, 0.03 s after this). Pinning the
-    thresholds gives the worker the same steady state as a plain process. No-op off glibc.
-    """
-    if _WORKER.get("malloc") is not None:
-        return _WORKER["malloc"][1]
-    ok = False
-    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
-        libc = ctypes.CDLL("libc.so.6")
-        ok = bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 256 << 20))
-    _WORKER["malloc"] = ("", ok)
-    return ok
+    def collect(self, limit: int) -> None:
+        """Wait for the oldest batches until at most `limit` are in flight."""
+        while len(self.in_flight) > limit:
+            t = time.perf_counter()
+            items, handle = self.in_flight.popleft()
+            for (pos, _), res in zip(items, self.encode.result(handle, [d for _, d in items])):
+                self.resolved[pos] = res
+            self.timing["encode_s"] += time.perf_counter() - t
 
+    def flush(self) -> None:
+        """Write every settled row that is next in manifest order."""
+        t = time.perf_counter()
+        while self.next_pos in self.resolved:
+            pos = self.next_pos
+            self._write(pos, self.resolved.pop(pos))
+            self.next_pos += 1
+        self.timing["write_s"] += time.perf_counter() - t
 
-def set_torch_threads(cpus: float) -> int:
-    import torch
-
-    threads = max(1, int(round(cpus)))
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    return threads
-
-
-def encode_results(encoder: Any, batch: list, size: int) -> list[Result]:
-    """Encode `batch` padded to exactly `size` samples (copies of its last one, dropped after):
-    kernels choose algorithms by batch size, so a sample's bytes must not depend on how many
-    neighbours it had (a short last batch, rows failed or kept by --retry-failed)."""
-    padded = batch + [batch[-1]] * (size - len(batch))
-    out: list[Result] = []
-    for rec in encoder.encode(padded)[: len(batch)]:
-        if isinstance(rec, SampleError):
-            out.append(("failed", rec.reason, rec.detail))
+    def _write(self, pos: int, res: Result) -> None:
+        plan, writer, key = self.plan, self.writer, self.keys[pos]
+        source = plan.sources[pos] or ""
+        caption = plan.captions[pos]
+        caption = None if caption is None else str(caption)
+        if res[0] == "kept":
+            for old_key, members in self.old_samples:
+                if old_key == key:
+                    writer.add_ok(key, source, caption, members)
+                    return
+            raise RuntimeError(
+                f"{plan.kind}/{plan.index:06d}: sample {key} is in the status table but not the tar"
+            )
+        if res[0] == "ok":
+            writer.add_ok(res[1], source, caption, res[2])
         else:
-            out.append(("ok", rec.key, rec.members()))
-    return out
+            writer.add_failed(key, source, caption, res[1], redact_text(res[2], self.redact_params))
 
-
-class EncoderActor:
-    """VAE + semantic model in one (GPU or CPU) process, shared by many shard tasks."""
-
-    def __init__(self, cfg: PrepConfig):
-        from preprocessing.process import Encoder
-
-        keep_heap_pages()
-        set_torch_threads(cfg.execution.cpus_per_encoder)
-        self.encoder = Encoder(cfg.models)
-
-    def encode(self, batch: list, size: int) -> list[Result]:
-        return encode_results(self.encoder, batch, size)
-
-    def model_ids(self) -> dict[str, Any]:
-        return self.encoder.model_ids
-
-
-class LocalEncode:
-    """Encode inside the shard task (CPU-only clusters): no pixels cross processes."""
-
-    def __init__(self, cfg: PrepConfig):
-        from preprocessing.process import Encoder
-
-        set_torch_threads(cfg.execution.cpus_per_worker)
-        self.encoder = _cached("encoder", cfg.models, lambda: Encoder(cfg.models))
-        self.model_ids = self.encoder.model_ids
-
-    def submit(self, batch: list, size: int) -> list[Result]:
-        return encode_results(self.encoder, batch, size)
-
-    def result(self, handle: list[Result], batch: list) -> list[Result]:
-        return handle
-
-
-class ActorEncode:
-    """Round-robin over the encoder actors; results are awaited in submission order."""
-
-    def __init__(self, actors: list, offset: int, model_ids: dict[str, Any]):
-        # model_ids come from the driver: asking an actor would queue behind its backlog.
-        self.actors = actors
-        self.turn = offset
-        self.model_ids = model_ids
-
-    def submit(self, batch: list, size: int):
-        actor = self.actors[self.turn % len(self.actors)]
-        self.turn += 1
-        return actor.encode.remote(batch, size)
-
-    def result(self, handle, batch: list) -> list[Result]:
-        import ray
-
-        try:
-            return ray.get(handle)
-        except Exception as exc:  # the actor died or raised: these samples failed, not the job
-            detail = f"encoder actor failed: {type(exc).__name__}: {str(exc)[:300]}"
-            return [("failed", "encode_error", f"{d.source}: {detail}") for d in batch]
+    def drain(self) -> None:
+        if self.batch:
+            self.send()
+        self.collect(0)
+        self.flush()
 
 
 class ShardTask:
@@ -166,6 +126,8 @@ class ShardTask:
         fingerprint: str,
         actors: list | None = None,
         actor_model_ids: dict[str, Any] | None = None,
+        actor_nodes: list[str] | None = None,
+        local_paths: dict[str, str] | None = None,
         run_id: str = "run",
     ):
         self.cfg = cfg
@@ -173,20 +135,31 @@ class ShardTask:
         self.fingerprint = fingerprint
         self.actors = actors or []
         self.actor_model_ids = actor_model_ids or {}
+        self.actor_nodes = actor_nodes or []  # Ray node id of each actor
+        self.local_paths = local_paths or {}  # hub models the driver fetched (placement.py)
 
     def _decoder(self):
         from preprocessing.process import Decoder
 
         threads = max(1, int(self.cfg.execution.cpus_per_worker))
         key = (self.cfg.video, self.cfg.image, threads)
-        return _cached(
+        return WORKER_CACHE.get(
             "decoder", key, lambda: Decoder(self.cfg.video, self.cfg.image, decode_threads=threads)
         )
 
     def _batch_samples(self, kind: str) -> int:
-        # models.batch_size counts frames per forward pass; send about that many per encode call.
+        # Samples per encode call: as many clips (or images) as fit the frame budget
+        # models.batch_frames (models.batch_size when 0), at least one.
         frames = self.cfg.video.frames if kind == "video" else 1
-        return max(1, self.cfg.models.batch_size // frames)
+        return max(1, self.cfg.models.frames_per_call() // frames)
+
+    def _encode_client(self, task_offset: int):
+        if self.actors:
+            import ray
+
+            node = ray.get_runtime_context().get_node_id()
+            return ActorEncode(self.actors, task_offset, self.actor_model_ids, self.actor_nodes, node)
+        return LocalEncode(self.cfg, self.local_paths)
 
     def _policy(self, plan: ShardPlan) -> SourcePolicy:
         return SourcePolicy(tuple(self.cfg.manifest.allowed_protocols), plan.roots)
@@ -241,82 +214,46 @@ class ShardTask:
     def run(self, plan: ShardPlan, retry: bool = False, task_offset: int = 0) -> dict[str, Any]:
         start = time.perf_counter()
         keep_heap_pages()
-        timing = dict(fetch_s=0.0, decode_s=0.0, encode_s=0.0, write_s=0.0)
         kind = "video" if plan.kind == "videos" else "image"
         kept_keys = self._kept(plan) if retry else set()
         keys, settled = self._triage(plan, kept_keys)
         if retry:  # un-commit first: a crash while rewriting leaves a shard that is redone whole
             self.store.remove([self.store.shard_path(plan.kind, plan.index, "json")])
         old_samples = iter_tar_samples(self.store, plan.kind, plan.index) if retry else iter(())
-        if self.actors:
-            encode = ActorEncode(self.actors, task_offset, self.actor_model_ids)
-        else:
-            encode = LocalEncode(self.cfg)
+        encode = self._encode_client(task_offset)
         decoder = self._decoder()
         fetcher = Fetcher(self.cfg.http, self.cfg.storage.options, self.cfg.manifest.redact_query_params)
         policy = self._policy(plan)
         writer = ShardWriter(self.store, plan.kind, plan.index)
-        resolved: dict[int, Result] = dict(settled)
-        next_pos = 0
-
-        def flush() -> None:
-            nonlocal next_pos
-            t = time.perf_counter()
-            while next_pos in resolved:
-                self._write(writer, plan, next_pos, keys[next_pos], resolved.pop(next_pos), old_samples)
-                next_pos += 1
-            timing["write_s"] += time.perf_counter() - t
-
-        batch: list[tuple[int, Any]] = []
-        in_flight: deque = deque()
-
-        def send() -> None:
-            t = time.perf_counter()
-            in_flight.append((batch[:], encode.submit([d for _, d in batch], batch_samples)))
-            batch.clear()
-            timing["encode_s"] += time.perf_counter() - t
-
-        def collect(limit: int) -> None:
-            while len(in_flight) > limit:
-                t = time.perf_counter()
-                items, handle = in_flight.popleft()
-                for (pos, _), res in zip(items, encode.result(handle, [d for _, d in items])):
-                    resolved[pos] = res
-                timing["encode_s"] += time.perf_counter() - t
-
+        flow = RowFlow(plan, keys, settled, encode, writer, old_samples, self._batch_samples(kind),
+                       tuple(self.cfg.manifest.redact_query_params))
+        timing = flow.timing
         try:
             sources = [
                 None if pos in settled else plan.fetch_urls.get(pos, s) for pos, s in enumerate(plan.sources)
             ]
             fetched = fetcher.prefetch(sources)
-            batch_samples = self._batch_samples(kind)
             for pos, source in enumerate(plan.sources):
                 t = time.perf_counter()
                 data, error = next(fetched)
                 timing["fetch_s"] += time.perf_counter() - t
                 if pos in settled:
-                    flush()
+                    flow.flush()
                     continue
                 if error is not None:
-                    resolved[pos] = ("failed", error.reason, error.detail)
+                    flow.settle(pos, ("failed", error.reason, error.detail))
                 elif not is_remote(source) and (refused := self._allowed(policy, source)) is not None:
-                    resolved[pos] = refused
+                    flow.settle(pos, refused)
                 else:
                     t = time.perf_counter()
-                    resolved_or_decoded = self._decode(decoder, kind, source, plan.captions[pos], data)
+                    decoded = self._decode(decoder, kind, source, plan.captions[pos], data)
                     timing["decode_s"] += time.perf_counter() - t
-                    if isinstance(resolved_or_decoded, tuple):
-                        resolved[pos] = resolved_or_decoded
+                    if isinstance(decoded, tuple):
+                        flow.settle(pos, decoded)
                     else:
-                        batch.append((pos, resolved_or_decoded))
-                        if len(batch) >= batch_samples:
-                            send()
-                            collect(self.cfg.execution.batches_in_flight)
-                flush()
-            if batch:
-                send()
-            collect(0)
-            flush()
+                        flow.add(pos, decoded, self.cfg.execution.batches_in_flight)
+                flow.flush()
+            flow.drain()
             if hasattr(old_samples, "close"):
                 old_samples.close()
             return writer.commit(
@@ -342,23 +279,3 @@ class ShardTask:
         except Exception as exc:  # a bug on one odd file must not kill the shard
             last = traceback.format_exc().strip().splitlines()[-1]
             return ("failed", "internal_error", f"{source}: {type(exc).__name__}: {last[:300]}")
-
-    def _write(
-        self, writer: ShardWriter, plan: ShardPlan, pos: int, key: str, res: Result, old_samples
-    ) -> None:
-        source = plan.sources[pos] or ""
-        caption = plan.captions[pos]
-        caption = None if caption is None else str(caption)
-        if res[0] == "kept":
-            for old_key, members in old_samples:
-                if old_key == key:
-                    writer.add_ok(key, source, caption, members)
-                    return
-            raise RuntimeError(
-                f"{plan.kind}/{plan.index:06d}: sample {key} is in the status table but not the tar"
-            )
-        if res[0] == "ok":
-            writer.add_ok(res[1], source, caption, res[2])
-        else:
-            detail = redact_text(res[2], self.cfg.manifest.redact_query_params)
-            writer.add_failed(key, source, caption, res[1], detail)

@@ -10,8 +10,8 @@ One long-lived child per worker decodes all videos; the worker survives anything
 - it is restarted every `decoder_recycle_every` videos, so decord's leaks never accumulate.
 
 The child is a fresh interpreter (`python -m preprocessing.video`, or the module given as
-`child_module`) talking over a socketpair (`preprocessing.wire`: JSON header + raw bytes,
-never pickles). Unlike multiprocessing's
+`child_module`) talking over a socketpair
+(`preprocessing.wire`: JSON header + raw bytes, never pickles). Unlike multiprocessing's
 spawn/forkserver contexts, this never re-imports the parent's `__main__` (a Ray worker's entry
 script). Frames arrive in chunks at source resolution (cropped to the visible box when that
 saves much); the worker resizes chunk k while the child decodes chunk k+1.
@@ -32,6 +32,7 @@ import numpy as np
 
 from core.shard_format import SampleError
 from preprocessing import wire
+from preprocessing.backends import child_env, cpu_backend
 from preprocessing.settings import VideoConfig
 from preprocessing.transform import resize_cover
 
@@ -41,11 +42,13 @@ _START_TIMEOUT_S = 120.0  # interpreter + decord import; not charged to any vide
 class VideoDecoderProcess:
     """Decodes one clip per call in the child; every failure becomes a `SampleError`."""
 
-    def __init__(self, cfg: VideoConfig, threads: int = 0, child_module: str = "preprocessing.video"):
+    def __init__(self, cfg: VideoConfig, threads: int = 0, backend: str | None = None,
+                 child_module: str = "preprocessing.video"):
         self.cfg = cfg
-        self.threads = threads  # decord decoding threads; 0 = ffmpeg's choice
-        # Run as `python -m child_module SOCKET_FD FRAMES_FD MEMORY_MB`. A parameter so that the
-        # isolation tests can start a child that really aborts or hangs (testing.faulty_decoder).
+        self.threads = threads  # decoding threads; 0 = ffmpeg's choice
+        self.backend = backend or cpu_backend(cfg.decoder)  # decord | torchcodec
+        # Run as `python -m child_module SOCKET_FD FRAMES_FD MEMORY_MB BACKEND`. A parameter so that
+        # the isolation tests can start a child that really aborts or hangs (testing.faulty_decoder).
         self.child_module = child_module
         self.decodes_since_start = 0
         self.starts = 0  # child processes started so far (first start, crashes, recycling)
@@ -58,16 +61,23 @@ class VideoDecoderProcess:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
+    def start(self) -> None:
+        """Start the child now (it also starts on the first decode); RuntimeError if it cannot."""
+        if self._proc is None or self._proc.poll() is not None:
+            self._stop(kill=True)
+            self._start()
+
     def _start(self) -> None:
         parent_sock, child_sock = socket.socketpair()
         self._frames = wire.SharedFrames.create()
         self._stderr = tempfile.TemporaryFile()
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+        env = child_env(self.backend, env)
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", self.child_module, str(child_sock.fileno()),
-                 str(self._frames.fd), str(self.cfg.decode_memory_mb)],
+                 str(self._frames.fd), str(self.cfg.decode_memory_mb), self.backend],
                 pass_fds=(child_sock.fileno(), self._frames.fd),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -123,15 +133,24 @@ class VideoDecoderProcess:
     def close(self) -> None:
         self._stop(kill=False)
 
-    def decode(self, source: str, key: str, data: bytes | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    def probe(self, source: str, key: str, data: bytes | None = None) -> dict[str, Any]:
+        """The clip's metadata (frame indices, original size, crop box) without decoding frames:
+        what a GPU decoder in the encoder actor needs. The file is parsed in the child all the
+        same, so hostile containers fail here, isolated."""
+        _, meta = self.decode(source, key, data, _probe_only=True)
+        return meta
+
+    def decode(
+        self, source: str, key: str, data: bytes | None = None, *,
+        _probe_only: bool = False,
+    ) -> tuple[np.ndarray | None, dict[str, Any]]:
         """uint8 [F,H,W,3] frames (resized + centre-cropped to W×H) and metadata; SampleError."""
-        if self._proc is None or self._proc.poll() is not None:
-            self._stop(kill=True)
-            self._start()
+        self.start()
         cfg = self.cfg
         req = {
             "source": source, "key": key, "frames": cfg.frames, "width": cfg.width, "height": cfg.height,
             "target_fps": cfg.target_fps, "threads": self.threads,
+            "probe_only": _probe_only,
         }
         deadline = time.monotonic() + cfg.decode_timeout_s
         try:
@@ -170,6 +189,8 @@ class VideoDecoderProcess:
         head, _ = self._recv(deadline)
         if not head["ok"]:
             return SampleError(head["reason"], head["detail"]), None
+        if head.get("probe_only"):
+            return None, head["meta"]
         n, region_h, region_w, _ = head["shape"]
         out = np.empty((n, self.cfg.height, self.cfg.width, 3), dtype=np.uint8)
         done = 0

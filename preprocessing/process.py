@@ -33,8 +33,12 @@ class Decoded:
     kind: str  # "video" | "image"
     source: str
     caption: str
-    pixels: np.ndarray  # uint8 [F,H,W,3] (video) or [H,W,3] (image), resized + centre-cropped
+    # uint8 [F,H,W,3] (video) or [H,W,3] (image), resized + centre-cropped; None for a video the
+    # encoder actor decodes on its GPU (video.decoder=nvdec): then `meta` holds the probed
+    # frame indices and crop, and `data` the file's bytes (None: `source` is a local path).
+    pixels: Any
     meta: dict[str, Any] = field(default_factory=dict)  # becomes KEY.json (plus model ids)
+    data: bytes | None = None
 
 
 _SPACES = re.compile(r"\s+")
@@ -114,13 +118,18 @@ class Decoder:
         else:
             if data is None:
                 check_local(source)  # the child opens the path itself: no bytes through the pipe
-            pixels, meta = self._videos.decode(source, key, data)
+            if self.video.decoder == "nvdec":  # probed here, isolated; decoded on the actor's GPU
+                pixels, meta = None, self._videos.probe(source, key, data)
+            else:
+                pixels, meta = self._videos.decode(source, key, data)
+                meta["decoder"] = self._videos.backend
             meta.update(
                 frames=self.video.frames, width=self.video.width, height=self.video.height,
                 target_fps=self.video.target_fps,
             )
         return Decoded(key=key, kind=kind, source=source, caption=text, pixels=pixels,
-                       meta={"source": source, "kind": kind, **meta})
+                       meta={"source": source, "kind": kind, **meta},
+                       data=data if pixels is None else None)
 
     def close(self) -> None:
         self._videos.close()

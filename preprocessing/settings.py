@@ -13,6 +13,7 @@ from core.config import check
 
 # Latents are [4, H/8, W/8]: sizes that are not multiples of 8 would be cropped by the VAE.
 LATENT_DOWNSAMPLE = 8
+VIDEO_DECODERS = ("decord", "torchcodec", "nvdec")
 
 
 def _check_size(width: int, height: int) -> None:
@@ -33,6 +34,9 @@ class VideoConfig:
     decode_timeout_s: float = 60.0  # a decode slower than this is killed -> reason `timeout`
     decode_memory_mb: int = 4096  # address-space limit of the decoder child -> `out_of_memory`
     decoder_recycle_every: int = 200  # restart the decoder child after this many videos (leaks)
+    # decord | torchcodec: CPU, in the isolated child. nvdec: on the encoder actors' GPU
+    # (PyNvVideoCodec, else torchcodec's CUDA device), falling back to the CPU child per file.
+    decoder: str = "decord"
 
     def __post_init__(self) -> None:
         check(
@@ -64,6 +68,11 @@ class VideoConfig:
             isinstance(self.decoder_recycle_every, int) and self.decoder_recycle_every >= 1,
             "decoder_recycle_every",
             f"must be an integer >= 1, got {self.decoder_recycle_every!r}",
+        )
+        check(
+            self.decoder in VIDEO_DECODERS,
+            "decoder",
+            f"must be one of {', '.join(VIDEO_DECODERS)}, got {self.decoder!r}",
         )
 
 
@@ -99,6 +108,9 @@ class ModelsConfig:
     device: str = "auto"  # auto = cuda when available, else cpu
     dtype: str = "auto"  # auto = bf16 on cuda, fp32 on cpu
     batch_size: int = 16  # frames per VAE / semantic forward pass (bounds memory)
+    # Frames per encode call (several clips of a video batch, or this many images); 0 = batch_size.
+    # 256 = 8 clips of 32 frames: ~90 MB of uint8 frames per call, latents a few MB.
+    batch_frames: int = 0
 
     def __post_init__(self) -> None:
         check(
@@ -131,6 +143,14 @@ class ModelsConfig:
             "batch_size",
             f"must be an integer >= 1, got {self.batch_size!r}",
         )
+        check(
+            isinstance(self.batch_frames, int) and self.batch_frames >= 0,
+            "batch_frames",
+            f"must be an integer >= 0 (0 = models.batch_size), got {self.batch_frames!r}",
+        )
+
+    def frames_per_call(self) -> int:
+        return self.batch_frames or self.batch_size
 
     def resolved_device(self) -> str:
         import torch

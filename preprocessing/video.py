@@ -1,7 +1,8 @@
 """Video probing and decoding: the code that runs inside the isolated decoder child.
 
-`python -m preprocessing.video SOCKET_FD FRAMES_FD MEMORY_MB` serves decode requests on the
-inherited socket (see `preprocessing.isolation`). Imports stay light (numpy, PyAV, decord; no torch) so a
+`python -m preprocessing.video SOCKET_FD FRAMES_FD MEMORY_MB [BACKEND]` serves decode requests on
+the inherited socket (see `preprocessing.isolation`). BACKEND is `decord` (default) or `torchcodec`
+(`preprocessing.backends`). Imports stay light for decord (numpy, PyAV, decord; no torch) so a
 recycled child starts fast.
 
 Protocol (`preprocessing.wire` frames), per request: the worker sends a JSON request, with the
@@ -14,6 +15,7 @@ point. No pickles cross the pipe.
 from __future__ import annotations
 
 import io
+import os
 import socket
 import sys
 from typing import Any
@@ -22,6 +24,7 @@ import numpy as np
 
 from core.geometry import TooShort, cover_crop, select_frames
 from preprocessing import wire
+from preprocessing.backends import READERS, import_backend
 
 # ffmpeg demuxers that read single still images: a JPEG named .mp4 is not a video.
 _IMAGE_FORMATS = ("image2", "_pipe", "gif", "apng", "webp")
@@ -66,21 +69,21 @@ def probe(path: str, data: bytes | None) -> dict[str, Any]:
 
 
 def open_clip(path: str, data: bytes | None, key: str, req: dict[str, Any]):
-    """Open with decord and select the clip's frames (SPEC §2): (reader, indices, meta).
+    """Open with the backend (decord unless the request names another) and select the clip's
+    frames (SPEC §2): (reader, indices, meta).
 
-    PyAV only probes when decord fails or finds too few frames, to give the precise reason
+    PyAV only probes when the backend fails or finds too few frames, to give the precise reason
     (no video stream, a still image); the happy path pays for one container open.
     """
-    import decord
-
+    backend = req.get("decoder") or "decord"
     try:
-        reader = decord.VideoReader(_source(path, data), num_threads=req["threads"])
-        n_frames, native_fps = len(reader), float(reader.get_avg_fps())
+        reader = READERS[backend](_source(path, data), req["threads"])
+        n_frames, native_fps = reader.n_frames, reader.fps
     except MemoryError:
         raise
     except Exception as exc:  # decord raises DECORDError / RuntimeError / AssertionError
         probe(path, data)  # raises the precise failure when PyAV can tell
-        raise _decord_failure(exc) from None
+        raise _decord_failure(exc, backend) from None
     try:
         indices, stride = select_frames(n_frames, native_fps, req["target_fps"], req["frames"], key)
     except TooShort as exc:
@@ -91,13 +94,13 @@ def open_clip(path: str, data: bytes | None, key: str, req: dict[str, Any]):
     return reader, indices, meta
 
 
-def _decord_failure(exc: Exception) -> DecodeFailure:
+def _decord_failure(exc: Exception, backend: str = "decord") -> DecodeFailure:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     text = f"{type(exc).__name__}: {first}"[:300]
     if "alloc" in text.lower() or "memory" in text.lower():
-        return DecodeFailure("out_of_memory", f"decord ran out of memory: {text}")
+        return DecodeFailure("out_of_memory", f"{backend} ran out of memory: {text}")
     hint = " (the file is truncated or corrupt)" if "av_read_frame" in text or "1094995529" in text else ""
-    return DecodeFailure("decode_error", f"decord failed to decode{hint}: {text}")
+    return DecodeFailure("decode_error", f"{backend} failed to decode{hint}: {text}")
 
 
 def send_region(crop) -> tuple[int, int, int, int]:
@@ -109,7 +112,7 @@ def send_region(crop) -> tuple[int, int, int, int]:
     return 0, 0, crop.src_w, crop.src_h
 
 
-def decode_chunks(reader, indices: list[int], path: str, data: bytes | None):
+def decode_chunks(reader, indices: list[int], path: str, data: bytes | None, backend: str = "decord"):
     """Yield uint8 [k, h, w, 3] chunks of the selected frames at source resolution.
 
     Chunks bound the child's memory (a 4K clip is 800 MB at once) and let the worker resize
@@ -118,12 +121,12 @@ def decode_chunks(reader, indices: list[int], path: str, data: bytes | None):
     """
     for i in range(0, len(indices), CHUNK_FRAMES):
         try:
-            chunk = reader.get_batch(indices[i : i + CHUNK_FRAMES]).asnumpy()
+            chunk = reader.get_batch(indices[i : i + CHUNK_FRAMES])
         except MemoryError:
             raise
         except Exception as exc:
-            if not _decord_size_bug(exc):
-                raise _decord_failure(exc) from None
+            if backend != "decord" or not _decord_size_bug(exc):
+                raise _decord_failure(exc, backend) from None
             yield from pyav_chunks(path, data, indices[i:])
             return
         yield chunk
@@ -165,16 +168,23 @@ def pyav_chunks(path: str, data: bytes | None, indices: list[int]):
     raise DecodeFailure("decode_error", f"the stream ends before frame {target} (PyAV decode)")
 
 
-def _limit_memory(memory_mb: int) -> None:
+def _limit_memory(memory_mb: int, baseline: int = 0) -> None:
+    """RLIMIT_AS of `memory_mb` MiB, plus `baseline` bytes already mapped (torchcodec's torch)."""
     import ctypes
     import resource
 
     # glibc reserves a 64 MiB arena per decoding thread; a few arenas keep address space small.
+    # Freed frame buffers (a 4K RGB frame is 25 MB) stay mapped for reuse: with glibc's
+    # defaults each chunk's buffers were fresh mmaps and trimmed heap tops, and the page faults
+    # cost ~7 ms of system time per 32-frame 640x360 clip (a third of the decode itself).
     try:
-        ctypes.CDLL("libc.so.6").mallopt(-8, 4)  # M_ARENA_MAX
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-8, 4)  # M_ARENA_MAX
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (glibc maximum on 64-bit)
+        libc.mallopt(-1, 128 << 20)  # M_TRIM_THRESHOLD
     except OSError:
         pass
-    limit = memory_mb << 20
+    limit = (memory_mb << 20) + baseline
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard if hard != resource.RLIM_INFINITY else limit))
 
@@ -182,8 +192,15 @@ def _limit_memory(memory_mb: int) -> None:
 def _answer(sock, frames_out: wire.SharedFrames, req: dict[str, Any], data: bytes | None) -> None:
     try:
         reader, indices, meta = open_clip(req["source"], data, req["key"], req)
+        if req.get("probe_only"):  # a GPU decoder in the encoder actor decodes these frames
+            size = probe(req["source"], data)
+            crop = cover_crop(size["width"], size["height"], req["width"], req["height"])
+            shape = [len(indices), crop.src_h, crop.src_w, 3]
+            wire.send(sock, {"ok": True, "shape": shape, "probe_only": True,
+                             "meta": {**meta, **crop.meta(), "codec": size["codec"]}})
+            return
         crop, done = None, 0
-        for chunk in decode_chunks(reader, indices, req["source"], data):
+        for chunk in decode_chunks(reader, indices, req["source"], data, req.get("decoder") or "decord"):
             if crop is None:  # frame size from the first decoded chunk: no separate probe
                 crop = cover_crop(chunk.shape[2], chunk.shape[1], req["width"], req["height"])
                 x0, y0, x1, y1 = send_region(crop)
@@ -206,14 +223,23 @@ def _answer(sock, frames_out: wire.SharedFrames, req: dict[str, Any], data: byte
         wire.send(sock, {"ok": False, "reason": "decode_error", "detail": detail})
 
 
-def serve(fd: int, frames_fd: int, memory_mb: int) -> None:
+def _mapped_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def serve(fd: int, frames_fd: int, memory_mb: int, backend: str = "decord") -> None:
     import signal
 
     # Ctrl-C is the worker's to handle; it stops the child by closing the socket.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _limit_memory(memory_mb)
+    if backend == "decord":
+        _limit_memory(memory_mb)
     import av  # imported before `ready`, so start-up cost is never charged to a video's timeout
-    import decord  # noqa: F401
+
+    import_backend(backend)
+    if backend != "decord":  # torch maps ~3 GB of address space on import: count from there
+        _limit_memory(memory_mb, _mapped_bytes())
 
     av.logging.set_level(av.logging.PANIC)
     sock = socket.socket(fileno=fd)
@@ -232,8 +258,9 @@ def serve(fd: int, frames_fd: int, memory_mb: int) -> None:
             wire.recv_payload(sock, data)
             data = bytes(data)
         req["memory_mb"] = memory_mb
+        req["decoder"] = backend
         _answer(sock, frames_out, req, data)
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+    serve(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:5])

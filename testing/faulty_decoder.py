@@ -68,7 +68,7 @@ def main(argv: list[str]) -> None:
     # `_answer` looks `open_clip` up in the module at call time: the fault fires inside its
     # error handling, like a decoder failure on a hostile file would.
     video.open_clip = open_clip
-    video.serve(int(argv[0]), int(argv[1]), memory_mb)
+    video.serve(int(argv[0]), int(argv[1]), memory_mb, *argv[3:4])
 
 
 if __name__ == "__main__":
