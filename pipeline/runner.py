@@ -28,6 +28,7 @@ from core.shard_format import FORMAT_VERSION
 from pipeline.config import PrepConfig, output_config, prep_fingerprint, public_config
 from pipeline.manifest import Manifest, SeenSources, ShardPlanner
 from pipeline.shard import EncoderActor, ShardTask
+from pipeline.statistics import dataset_statistics
 from pipeline.storage import KINDS, OutputStore, json_bytes
 from pipeline.summary import KindStats, Summary
 
@@ -222,7 +223,11 @@ class Finalize:
         self.cfg, self.store, self.args, self.fingerprint = cfg, store, args, fingerprint
 
     def write_dataset_json(
-        self, totals: dict[str, Any] | None, model_ids: dict | None, complete: bool
+        self,
+        totals: dict[str, Any] | None,
+        model_ids: dict | None,
+        complete: bool,
+        statistics: tuple[dict[str, Any] | None, str] | None = None,
     ) -> None:
         old = self.store.read_json(self.store.path("dataset.json")) or {}
         manifests = {k: v or (old.get("manifests") or {}).get(k) for k, v in self.args.manifests().items()}
@@ -238,10 +243,18 @@ class Finalize:
             config=public_config(self.cfg),
             updated_at=time.time(),
         )
+        # Training copies these into its checkpoints (core/statistics.py): sampling defaults and
+        # γm / γa range warnings. None with the reason when they cannot be computed.
+        if statistics is None:
+            statistics = (old.get("statistics"), old.get("statistics_note"))
+        stats, why = statistics
+        doc["statistics"] = stats
+        if stats is None and why:
+            doc["statistics_note"] = why
         self.store.write_atomic(self.store.path("dataset.json"), json_bytes(doc))
 
     def run(self, summary: Summary) -> None:
-        model_ids = None
+        model_ids, statistics = None, (None, "no video shards")
         for kind in KINDS:
             committed = sorted(self.store.committed(kind))
             known = summary.kinds[kind].shard_stats if kind in summary.kinds else {}
@@ -249,7 +262,11 @@ class Finalize:
             shard_stats = {**{int(s["shard"]): s for s in self.store.read_jsons(missing).values()}, **known}
             summary.totals[kind] = KindStats.totals([shard_stats[i] for i in committed if i in shard_stats])
             model_ids = model_ids or next((s.get("model_ids") for s in shard_stats.values()), None)
-        self.write_dataset_json(summary.totals, model_ids, complete=summary.complete)
+            if kind == "videos" and committed:
+                video = self.cfg.video
+                done = [shard_stats[i] for i in committed if i in shard_stats]
+                statistics = dataset_statistics(done, video.width, video.height)
+        self.write_dataset_json(summary.totals, model_ids, complete=summary.complete, statistics=statistics)
         self.store.clean_tmp()
 
 
