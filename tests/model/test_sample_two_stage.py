@@ -9,7 +9,7 @@ from model_testlib import perturb, tiny_unet
 from core.encoders import decode_latents, load_vae
 from model.diffusion import Diffusion
 from model.params import param_groups
-from model.sampling import appearance_matrix_from_factor, encode_image_prior, two_stage_sample
+from model.two_stage import appearance_matrix, encode_image_prior, two_stage_sample
 
 
 @pytest.fixture(scope="module")
@@ -48,20 +48,21 @@ def test_given_spatial_prior_skips_stage_one_and_is_reused(unet):
         assert calls == [False, False] and torch.equal(reused, prior)
     finally:
         hook.remove()
-    video_b, _ = _sample(unet, 5, spatial_prior=prior, latent_size=None, motion=300.0, appearance=0.2)
+    video_b, _ = _sample(unet, 5, spatial_prior=prior, latent_size=None, motion_factor=300.0,
+                         appearance_factor=0.2)
     assert not torch.allclose(video_a, video_b)  # motion / appearance reach the model
 
 
 def test_appearance_matrix_eq4():
-    a = appearance_matrix_from_factor(0.6, 5)
+    a = appearance_matrix(0.6, 5)
     assert torch.allclose(a.diagonal(), torch.ones(5)) and torch.allclose(a, a.T)
     assert torch.isclose(a[0, 4], torch.tensor(0.4)) and torch.isclose(a[1, 3], torch.tensor(0.7))
-    assert torch.equal(appearance_matrix_from_factor(0.0, 4), torch.ones(4, 4))
+    assert torch.equal(appearance_matrix(0.0, 4), torch.ones(4, 4))
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(appearance=1.5), "γa must be in \\[0, 1\\]"),
-    (dict(motion=-1.0), "γm must be >= 0"),
+    (dict(appearance_factor=1.5), "γa must be in \\[0, 1\\]"),
+    (dict(motion_factor=-1.0), "γm must be >= 0"),
     (dict(frames=9), "frames must be an integer in 2..8"),
     (dict(latent_size=None), "latent_size"),
     (dict(spatial_prior=torch.zeros(1, 3, 8, 8)), "spatial_prior must be \\[B,4,h,w\\]"),
