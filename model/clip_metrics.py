@@ -112,10 +112,10 @@ def score_generated(sampler, scorer: ClipScorer, prompts: list[str],
     for k, start in enumerate(range(0, len(prompts), cfg.batch_size)):
         batch = prompts[start : start + cfg.batch_size]
         prior = sampler.spatial_prior(batch, cfg.seed + k)
-        for motion, appearance in unique:
-            latents, _ = sampler.generate(batch, cfg.seed + k, prior=prior, motion_factor=motion,
-                                          appearance_factor=appearance)
+        for motion_factor, appearance_factor in unique:
+            latents, _ = sampler.generate(batch, cfg.seed + k, prior=prior, motion_factor=motion_factor,
+                                          appearance_factor=appearance_factor)
             for frames, prompt in zip(sampler.decode(latents), batch):
-                scores[(motion, appearance)].append(scorer.score(frames, prompt))
+                scores[(motion_factor, appearance_factor)].append(scorer.score(frames, prompt))
     return [{"setting": label, "motion_factor": m, "appearance_factor": a, **mean_scores(scores[(m, a)]),
              "n": len(scores[(m, a)]), "skipped": 0} for label, m, a in grid]

@@ -10,15 +10,17 @@ encoders and the checkpoint's calibration, `model/sample.py` is the CLI.
    appearance matrix of Eq. 4, `A[i,j] = 1 - γa·|i-j|/(F-1)`, fed to the appearance MLP as it is
    (the training affine `a·A+b` applies to measured matrices only).
 
-γm (`motion_factor`) is on the model's motion scale (SPEC §2: round(motion_scale * m), scale 10):
-the raw motion factor fed to the UNet is γm / motion_scale. Here γm is what the model is fed;
-the calibration to the training resolution lives in `model/calibration.py`.
+γm (`motion_factor`) is 10 x the raw motion factor (core/statistics.MOTION_UNITS, the released
+code's scale): the UNet is fed γm / 10, whatever its `motion_scale` (the embedding's own scale,
+10 in every shipped config). Here γm is what the model is fed; the calibration to the training
+resolution lives in `model/calibration.py`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from core.statistics import MOTION_UNITS
 from model.diffusion import Diffusion
 from model.unet import HiGenUNet
 
@@ -94,7 +96,7 @@ def two_stage_sample(unet: HiGenUNet, diffusion: Diffusion, context: torch.Tenso
         spatial_prior = spatial_prior.float().to(device)
         h, w = spatial_prior.shape[-2:]
 
-    motion_vec = torch.full((b, frames - 1), motion_factor / cfg.motion_scale, device=device)
+    motion_vec = torch.full((b, frames - 1), motion_factor / MOTION_UNITS, device=device)
     video = diffusion.sample(unet, (b, cfg.in_channels, frames, h, w), context, null_context,
                              spatial_prior=spatial_prior, motion=motion_vec,
                              appearance_matrix=matrix.to(device).expand(b, -1, -1),

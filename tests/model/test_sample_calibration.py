@@ -12,7 +12,7 @@ import torch
 from sample_testlib import STATS, TINY, F, H, W, one_thread, tiny_export  # noqa: F401
 
 from core.config import ConfigError, load_config
-from core.statistics import DataStatistics
+from core.statistics import MOTION_UNITS, DataStatistics
 from model import sample
 from model.calibration import resolve_appearance_affine
 from model.checkpoint_io import load_for_sampling
@@ -116,6 +116,16 @@ def test_checkpoint_without_statistics_samples_with_a_warning(tmp_path, capsys):
     assert "warning: calibration unavailable" in capsys.readouterr().err
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["calibrated"] is False and meta["motion_factor"] == 500.0 and meta["frames"] == F
+
+
+def test_shipped_configs_keep_motion_scale_ten():
+    """γm has one meaning (10 x the raw factor); the motion embedding's scale matches it."""
+    from training.config import TrainConfig
+
+    configs = sorted((Path(TINY).parents[1] / "train").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        assert load_config(TrainConfig, path).unet.motion_scale == MOTION_UNITS == 10.0, path
 
 
 def test_appearance_affine_auto_puts_gamma_a_one_at_the_99th_percentile():
