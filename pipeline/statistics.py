@@ -3,8 +3,9 @@ as each shard is written (into its `NNNNNN.json`, key `factors`), and finalize m
 into percentiles. Nothing is re-read from the tars: finalize costs one small JSON per shard.
 
 Each video shard's `factors`: `motion_mean` (the clip's mean raw motion factor),
-`appearance_change` (1 - A[0, F-1]), one value per clip in tar order, and `latent_shape`
-([F, C, h, w] of its clips). About 20 bytes of JSON per clip.
+`appearance_change` (1 - A[0, F-1]), one value per clip in tar order, `latent_shape`
+([F, C, h, w] of its clips) and `skipped` (clips whose factors were unreadable or not finite:
+they stay in the shard, only out of the statistics). About 20 bytes of JSON per clip.
 """
 
 from __future__ import annotations
@@ -36,13 +37,21 @@ class FactorLog:
         self.motion_mean: list[float] = []
         self.appearance_change: list[float] = []
         self.latent_shape: list[int] | None = None
+        self.skipped = 0  # clips whose factors could not enter the statistics (the clip is kept)
 
     def add(self, members: list[tuple[str, bytes]]) -> None:
+        """Never raises: statistics must not cost a shard its commit."""
         by_ext = {name.split(".", 1)[1]: data for name, data in members if "." in name}
         if "motion.npy" not in by_ext or "appearance.npy" not in by_ext:
             return  # images carry no factors
-        motion, appearance = _npy(by_ext["motion.npy"]), _npy(by_ext["appearance.npy"])
-        if motion.size == 0 or appearance.ndim != 2:
+        try:
+            motion, appearance = _npy(by_ext["motion.npy"]), _npy(by_ext["appearance.npy"])
+            ok = motion.size > 0 and appearance.ndim == 2 and appearance.size > 0
+            ok = ok and bool(np.isfinite(motion).all() and np.isfinite(appearance[0, -1]))
+        except (ValueError, OSError):
+            ok = False
+        if not ok:
+            self.skipped += 1
             return
         self.motion_mean.append(round(float(motion.mean()), 7))
         self.appearance_change.append(round(float(1.0 - appearance[0, -1]), 7))
@@ -50,10 +59,10 @@ class FactorLog:
             self.latent_shape = list(_npy_shape(by_ext["latents.npy"]))
 
     def to_dict(self) -> dict[str, Any] | None:
-        if not self.motion_mean:
+        if not self.motion_mean and not self.skipped:
             return None
         return {"motion_mean": self.motion_mean, "appearance_change": self.appearance_change,
-                "latent_shape": self.latent_shape}
+                "latent_shape": self.latent_shape, "skipped": self.skipped}
 
 
 def dataset_statistics(shard_stats: list[dict[str, Any]], width: int, height: int
@@ -66,6 +75,9 @@ def dataset_statistics(shard_stats: list[dict[str, Any]], width: int, height: in
                       "without per-clip factors; rerun prep with --overwrite to compute statistics")
     if not with_factors:
         return None, "no video clips"
+    with_factors = [s for s in with_factors if s["factors"]["motion_mean"]]
+    if not with_factors:
+        return None, "no video clip has finite motion and appearance factors"
     shapes = {tuple(s["factors"]["latent_shape"]) for s in with_factors if s["factors"].get("latent_shape")}
     if len(shapes) != 1:
         return None, f"video shards disagree on the latent shape: {sorted(shapes)}"

@@ -200,7 +200,7 @@ def test_training_output_is_consolidated_from_newest_complete_checkpoint(tmp_pat
     run.mkdir()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
     cmd = [sys.executable, "-c", MAKE_CHECKPOINT, str(run), str(repo / "configs/train/tiny.yaml")]
-    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     # A newer save that never completed must be ignored.
     (run / "checkpoints" / "step_0000009").mkdir()

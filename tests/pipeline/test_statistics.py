@@ -51,6 +51,14 @@ def test_factor_log_and_percentiles():
     assert got.appearance_change["p50"] == pytest.approx(0.1, rel=1e-5)
 
 
+def test_unusable_factors_are_counted_not_fatal():
+    log = FactorLog()
+    log.add(_clip("a", [1.0, float("nan"), 3.0], 0.9).members())
+    log.add([("b.motion.npy", b"not npy"), ("b.appearance.npy", b"x")])
+    log.add(_clip("c", [1.0, 1.0, 1.0], 0.5).members())
+    assert log.to_dict()["skipped"] == 2 and log.to_dict()["motion_mean"] == [1.0]
+
+
 def test_statistics_need_every_shard_to_carry_factors():
     a = _shard("000000", [_clip("a", [1.0, 2.0, 3.0], 0.9)])
     stats, why = dataset_statistics([a, {"shard": "000001", "ok": 3}], width=24, height=16)
