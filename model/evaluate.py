@@ -19,9 +19,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from model import clip_metrics, eval_io
+
+if TYPE_CHECKING:
+    from model.sampler import Sampler
 
 APPEARANCE_SWEEP = (0.0, 0.5, 1.0)
 
@@ -55,7 +58,7 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
         raise ValueError(f"{flag} {text!r}: expected comma-separated numbers") from exc
 
 
-def default_motions(sampler) -> tuple[float, ...]:
+def default_motions(sampler: Sampler) -> tuple[float, ...]:
     """4 γm levels over the training 10th-90th percentiles (the paper's 300-600 without them)."""
     stats = sampler.calibration.stats
     if stats is None:

@@ -18,6 +18,7 @@ not mean the requested γa. The error names the valid F.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,7 @@ def vae_scale_factor(vae) -> int:
 class Sampler:
     """The loaded model, text encoder and VAE; generates batches of videos."""
 
-    def __init__(self, bundle: ModelBundle, cfg: SampleConfig, log=None):
+    def __init__(self, bundle: ModelBundle, cfg: SampleConfig, log: Callable[[str], None] | None = None):
         from core.encoders import TextEncoder, load_vae
         from model.diffusion import Diffusion
 

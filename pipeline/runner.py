@@ -217,7 +217,8 @@ class Dispatch:
 
 
 class Finalize:
-    """Totals over every committed shard (this run's and earlier ones) -> `dataset.json`."""
+    """Totals over every committed shard (this run's and earlier ones) and the data statistics
+    (percentiles of γm units and appearance change, pipeline/statistics.py) -> `dataset.json`."""
 
     def __init__(self, cfg: PrepConfig, store: OutputStore, args: JobArgs, fingerprint: str):
         self.cfg, self.store, self.args, self.fingerprint = cfg, store, args, fingerprint
