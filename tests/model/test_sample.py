@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sample_testlib import TINY, F, H, W, one_thread, tiny_export  # noqa: F401
+from sample_testlib import STATS, TINY, F, H, W, one_thread, tiny_export  # noqa: F401
 
 from core.config import load_config
 from model import sample
@@ -168,7 +168,7 @@ def test_training_dir_uses_its_export_when_current(export_dir, tmp_path):
 # A real ZeRO-2 checkpoint written by training's own code (one CPU rank, gloo) in a child
 # process, so no process group leaks into this one.
 MAKE_CHECKPOINT = """
-import sys, deepspeed, torch
+import json, sys, deepspeed, torch
 from core.config import load_config, to_yaml
 from training import checkpoint, setup
 from training.config import TrainConfig
@@ -176,6 +176,7 @@ from training.optim import deepspeed_config, make_optimizer, make_scheduler
 from safetensors.torch import save_file
 out = sys.argv[1]
 cfg = load_config(TrainConfig, sys.argv[2], ["deepspeed.zero_stage=2"])
+cfg.statistics = json.loads(sys.argv[3])  # as training copies them from dataset.json
 setup.init_distributed()
 unet = setup.build_unet(cfg, 0)
 engine, *_ = deepspeed.initialize(model=unet, optimizer=make_optimizer(cfg, unet),
@@ -188,7 +189,7 @@ save_file({k: v.contiguous() for k, v in engine.module.state_dict().items()}, ou
 
 
 @pytest.mark.slow
-def test_training_output_is_consolidated_from_newest_complete_checkpoint(tmp_path):
+def test_training_output_is_consolidated_from_newest_complete_checkpoint(tmp_path, capsys):
     import os
     import subprocess
     import sys
@@ -199,7 +200,8 @@ def test_training_output_is_consolidated_from_newest_complete_checkpoint(tmp_pat
     run = tmp_path / "run"
     run.mkdir()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
-    cmd = [sys.executable, "-c", MAKE_CHECKPOINT, str(run), str(repo / "configs/train/tiny.yaml")]
+    cmd = [sys.executable, "-c", MAKE_CHECKPOINT, str(run), str(repo / "configs/train/tiny.yaml"),
+           json.dumps(STATS.to_dict())]
     done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     # A newer save that never completed must be ignored.
@@ -207,11 +209,18 @@ def test_training_output_is_consolidated_from_newest_complete_checkpoint(tmp_pat
     # A DeepSpeed checkpoint unpickles: refused unless trusted, with the way out.
     with pytest.raises(CheckpointError, match="--trust-checkpoint.*training.export"):
         load_for_sampling(run)
+    assert sample.main(["--ckpt", str(run), "--prompt", "p", "--out", str(tmp_path / "x.mp4")]) == 2
+    assert "unpickles" in capsys.readouterr().err and not (tmp_path / "x.mp4").exists()
     bundle = load_for_sampling(run, trust_checkpoint=True)
     assert bundle.step == 7 and bundle.source.endswith("step_0000007")
-    assert bundle.text == bundle.vae == "tiny"
+    assert bundle.text == bundle.vae == "tiny" and bundle.statistics == STATS
     expected = load_file(str(run / "expected.safetensors"))
     got = bundle.unet.state_dict()
     assert set(got) == set(expected)
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, msg=name)
+    # training.export carries the statistics into model.yaml; the export needs no trust.
+    from training.export import export
+
+    exported = load_for_sampling(export(run, tmp_path / "export"))
+    assert exported.statistics == STATS and exported.step == 7
