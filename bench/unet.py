@@ -145,7 +145,7 @@ def run_once(args: argparse.Namespace, checkpointing: bool) -> dict:
     x = torch.randn(1, 4, f, h, w, generator=gen).to(device, dtype)
     kw = dict(spatial_prior=torch.randn(1, 4, h, w, generator=gen).to(device, dtype),
               motion=(torch.rand(1, f - 1, generator=gen) * 50).to(device),
-              appearance=torch.rand(1, f, f, generator=gen).to(device))
+              appearance_matrix=torch.rand(1, f, f, generator=gen).to(device))
     ctx = torch.randn(1, 77, 1024, generator=gen).to(device, dtype)
     t = torch.tensor([500], device=device)
     if device.type == "cuda":

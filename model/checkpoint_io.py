@@ -8,6 +8,13 @@
   checkpoint, else the newest complete checkpoint under `checkpoints/`, consolidated in memory
   with DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint` and configured by `config.yaml`;
 - one checkpoint directory (`checkpoints/step_XXXXXXX`), consolidated the same way.
+
+Safetensors exports load from anywhere. A DeepSpeed checkpoint is a set of pickles: reading it
+can run code from whoever wrote it, so it loads only with `trust_checkpoint=True`
+(`--trust-checkpoint`); `python -m training.export` turns it into a safetensors export once.
+
+`model.yaml` / `config.yaml` carry the training data's `statistics` (core/statistics.py) when the
+run had them; `ModelBundle.statistics` is None for older runs (calibration unavailable).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import torch
 import yaml
 
 from core.config import from_dict
+from core.statistics import DataStatistics, StatisticsError
 from model.config import DiffusionConfig, UNetConfig
 
 EXPORT_WEIGHTS = "unet.safetensors"
@@ -41,6 +49,7 @@ class ModelBundle:
     vae: str
     source: str  # what was loaded, for logs and output metadata
     step: int | None = None  # training step of the weights, when known
+    statistics: DataStatistics | None = None  # the training data's, None for older runs
 
 
 def _read_model_yaml(path: Path) -> dict[str, Any]:
@@ -104,8 +113,14 @@ def _bundle(data: dict[str, Any], state_dict: dict[str, torch.Tensor], where: Pa
     unet_cfg = from_dict(UNetConfig, data["unet"])
     diffusion_cfg = from_dict(DiffusionConfig, data.get("diffusion") or {})
     text, vae = _specs(data, where)
+    statistics = None
+    if data.get("statistics") is not None:
+        try:
+            statistics = DataStatistics.from_dict(data["statistics"], f"{where}: statistics")
+        except StatisticsError as exc:
+            raise CheckpointError(str(exc)) from exc
     unet = build_unet(unet_cfg, state_dict, source)
-    return ModelBundle(unet, unet_cfg, diffusion_cfg, text, vae, source, step)
+    return ModelBundle(unet, unet_cfg, diffusion_cfg, text, vae, source, step, statistics)
 
 
 def _step_of(ckpt: str | Path | None) -> int | None:
@@ -127,11 +142,17 @@ def load_export(path: Path) -> ModelBundle:
     return _bundle(data, _load_state_dict(weights), config, str(weights), _step_of(source.get("checkpoint")))
 
 
-def consolidate(ckpt: Path, train_config: Path) -> ModelBundle:
+def consolidate(ckpt: Path, train_config: Path, trust_checkpoint: bool = False) -> ModelBundle:
     """A DeepSpeed checkpoint directory -> fp32 UNet, as `training.export` consolidates it (trained
-    weights, not EMA), kept in memory."""
+    weights, not EMA), kept in memory. Unpickles: only with `trust_checkpoint`."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    if not trust_checkpoint:
+        raise CheckpointError(
+            f"{ckpt} is a DeepSpeed checkpoint: loading it unpickles Python objects, which can run any "
+            "code its author put there. If you trust where it came from, pass --trust-checkpoint; or "
+            f"export it once (python -m training.export --ckpt {ckpt} --out EXPORT_DIR) and pass "
+            "--ckpt EXPORT_DIR (a safetensors export loads from anywhere)")
     if not train_config.is_file():
         raise CheckpointError(f"{ckpt}: no {train_config} holding the model config; pass an export instead")
     data = _read_model_yaml(train_config)
@@ -140,7 +161,8 @@ def consolidate(ckpt: Path, train_config: Path) -> ModelBundle:
 
 
 def save_export(unet: torch.nn.Module, unet_cfg: UNetConfig, diffusion_cfg: DiffusionConfig, text: str,
-                vae: str, out: str | Path, source: dict[str, Any] | None = None) -> Path:
+                vae: str, out: str | Path, source: dict[str, Any] | None = None,
+                statistics: DataStatistics | None = None) -> Path:
     """Write an export in `training.export`'s format (`unet.safetensors` + `model.yaml`), e.g. for
     a model built from pretrained weights without training, or a tiny one in tests."""
     from safetensors.torch import save_file
@@ -151,13 +173,14 @@ def save_export(unet: torch.nn.Module, unet_cfg: UNetConfig, diffusion_cfg: Diff
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.float().contiguous() for k, v in unet.state_dict().items()}, str(out / EXPORT_WEIGHTS))
     model = {"unet": to_dict(unet_cfg), "diffusion": to_dict(diffusion_cfg), "text": text, "vae": vae,
-             "source": source or {}}
+             "source": source or {}, "statistics": statistics.to_dict() if statistics else None}
     (out / EXPORT_CONFIG).write_text(yaml.safe_dump(model, sort_keys=False))
     return out
 
 
-def load_for_sampling(ckpt: str | Path) -> ModelBundle:
-    """Resolve `--ckpt` (see the module docstring) and load it on the CPU in fp32."""
+def load_for_sampling(ckpt: str | Path, trust_checkpoint: bool = False) -> ModelBundle:
+    """Resolve `--ckpt` (see the module docstring) and load it on the CPU in fp32. DeepSpeed
+    checkpoints (pickles) need `trust_checkpoint`; exports never do."""
     from core.checkpoints import check_complete, find_latest_complete
 
     path = Path(ckpt)
@@ -177,9 +200,9 @@ def load_for_sampling(ckpt: str | Path) -> ModelBundle:
             why = "; ".join(notes) or f"no step_* directories in {path / 'checkpoints'}"
             raise CheckpointError(f"--ckpt {ckpt}: no complete checkpoint ({why}); wait for training to save "
                                   "one or pass an export directory")
-        return consolidate(latest, path / "config.yaml")
+        return consolidate(latest, path / "config.yaml", trust_checkpoint)
     why = check_complete(path)
     if why is None:
-        return consolidate(path, path.parent.parent / "config.yaml")
+        return consolidate(path, path.parent.parent / "config.yaml", trust_checkpoint)
     raise CheckpointError(f"--ckpt {ckpt}: neither an export ({EXPORT_WEIGHTS} + {EXPORT_CONFIG}), a "
                           f"training output (checkpoints/) nor a complete checkpoint ({why})")

@@ -38,7 +38,12 @@ class UNetConfig:
     frames: int = 32
     # Motion guidance (Eq. 2): round(motion_scale * m) -> sinusoidal embedding.
     motion_scale: float = 10.0
-    # Appearance guidance: a * A + b before the MLP (released code: 5, -4).
+    # Appearance guidance. Training feeds the MLP `a * A + b` of each measured similarity
+    # matrix A (released code: 5, -4: raw similarities 0.8..1 -> 0..1); sampling feeds Eq. 4 as
+    # it is (model/two_stage.py), so γa = 1 means a raw first-to-last similarity of -b / a.
+    # `auto`: training derives a, b from the data (γa = 1 at the 99th percentile of appearance
+    # change, model/calibration.py) and records the values it used with the checkpoint.
+    appearance_affine: str = "fixed"
     appearance_a: float = 5.0
     appearance_b: float = -4.0
     gradient_checkpointing: bool = False
@@ -74,6 +79,10 @@ class UNetConfig:
         check(isinstance(self.temporal_conv_layers, int) and self.temporal_conv_layers >= 2,
               "temporal_conv_layers", f"must be an integer >= 2, got {self.temporal_conv_layers}")
         check(self.motion_scale > 0, "motion_scale", f"must be > 0, got {self.motion_scale}")
+        check(self.appearance_affine in ("fixed", "auto"), "appearance_affine",
+              f"must be fixed (use appearance_a, appearance_b) or auto (from the data), "
+              f"got {self.appearance_affine!r}")
+        check(self.appearance_a != 0, "appearance_a", "must be non-zero (it scales the similarities)")
 
     @classmethod
     def tiny(cls, **overrides) -> UNetConfig:
@@ -95,7 +104,9 @@ class DiffusionConfig:
     # Training: offset noise strength (per sample, channel and frame) and text-dropout probability.
     offset_noise: float = 0.1
     text_dropout: float = 0.1
-    # Sampling: DDIM with classifier-free guidance.
+    # Sampling: DDIM with classifier-free guidance. Offset noise on the stage-2 start noise (per
+    # sample, channel and frame), as the released inference adds it.
+    sample_offset_noise: float = 0.1
     sample_steps: int = 50
     timestep_spacing: str = "trailing"
     guidance_scale: float = 12.0
@@ -111,6 +122,8 @@ class DiffusionConfig:
         check(self.prediction_type in ("v_prediction", "epsilon", "sample"), "prediction_type",
               f"must be v_prediction, epsilon or sample, got {self.prediction_type!r}")
         check(self.offset_noise >= 0, "offset_noise", f"must be >= 0, got {self.offset_noise}")
+        check(self.sample_offset_noise >= 0, "sample_offset_noise",
+              f"must be >= 0, got {self.sample_offset_noise}")
         check(0 <= self.text_dropout < 1, "text_dropout", f"must be in [0, 1), got {self.text_dropout}")
         check(isinstance(self.sample_steps, int) and 0 < self.sample_steps <= self.num_train_timesteps,
               "sample_steps", f"must be in 1..{self.num_train_timesteps}, got {self.sample_steps}")

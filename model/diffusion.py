@@ -49,7 +49,7 @@ class Diffusion:
 
     def training_loss(self, unet, latents: torch.Tensor, context: torch.Tensor,
                       spatial_prior: torch.Tensor | None = None, motion: torch.Tensor | None = None,
-                      appearance: torch.Tensor | None = None, spatial_only: bool = False,
+                      appearance_matrix: torch.Tensor | None = None, spatial_only: bool = False,
                       generator: torch.Generator | None = None,
                       null_context: torch.Tensor | None = None) -> torch.Tensor:
         """MSE between the UNet output and the v target on `latents` `[B,4,F,h,w]` (images:
@@ -83,7 +83,7 @@ class Diffusion:
         else:
             target = x0
         pred = unet(noisy.to(latents.dtype), t, context, spatial_prior=spatial_prior, motion=motion,
-                    appearance=appearance, spatial_only=spatial_only)
+                    appearance_matrix=appearance_matrix, spatial_only=spatial_only)
         return F.mse_loss(pred.float(), target)
 
     # -- sampling ---------------------------------------------------------------------------------
@@ -91,11 +91,14 @@ class Diffusion:
     @torch.no_grad()
     def sample(self, unet, shape: tuple[int, ...], context: torch.Tensor, null_context: torch.Tensor | None,
                *, spatial_prior: torch.Tensor | None = None, motion: torch.Tensor | None = None,
-               appearance: torch.Tensor | None = None, spatial_only: bool = False, steps: int | None = None,
-               guidance: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+               appearance_matrix: torch.Tensor | None = None, spatial_only: bool = False,
+               steps: int | None = None, guidance: float | None = None,
+               generator: torch.Generator | None = None, offset_noise: float = 0.0) -> torch.Tensor:
         """DDIM sampling of latents of `shape` `[B,4,F,h,w]` with classifier-free guidance
         `uncond + guidance * (cond - uncond)`; the unconditional branch uses `null_context` and
-        the same spatial prior / motion / appearance. guidance 1 (or null_context None) = no CFG."""
+        the same spatial prior / motion / appearance matrix. guidance 1 (or null_context None) = no
+        CFG. `offset_noise` adds `offset_noise * N(0, 1)` per sample, channel and frame to the start
+        noise (the released inference does so for videos; `DiffusionConfig.sample_offset_noise`)."""
         cfg = self.cfg
         steps = cfg.sample_steps if steps is None else steps
         guidance = cfg.guidance_scale if guidance is None else guidance
@@ -111,11 +114,15 @@ class Diffusion:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else (torch.cat([t, t]) if use_cfg else t).to(param.device)
 
-        cond = dict(spatial_prior=move(spatial_prior), motion=move(motion), appearance=move(appearance))
+        cond = dict(spatial_prior=move(spatial_prior), motion=move(motion),
+                    appearance_matrix=move(appearance_matrix))
 
         scheduler = DDIMScheduler.from_config(self.sample_scheduler.config)
         scheduler.set_timesteps(steps, device=param.device)
-        x = _rand(shape, generator, param) * scheduler.init_noise_sigma
+        x = _rand(shape, generator, param)
+        if offset_noise > 0:
+            x = x + offset_noise * _rand((*shape[:3], *[1] * (len(shape) - 3)), generator, param)
+        x = x * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             inp = torch.cat([x, x]) if use_cfg else x
             tt = t.expand(inp.shape[0]).to(param.device)

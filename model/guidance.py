@@ -62,17 +62,24 @@ class MotionGuidance(TemporalModule):
         return self.mlp(_resample(emb, frames).to(self.mlp[0].weight.dtype))
 
 
-class AppearanceGuidance(TemporalModule):
-    """Each row of `a * A + b` (resampled to the MLP's `frames` inputs) -> MLP -> [B, F, E]."""
+def appearance_affine(measured: torch.Tensor, a: float, b: float) -> torch.Tensor:
+    """A measured similarity matrix -> the appearance MLP's input space: `a * A + b`. Training
+    inputs only: Eq. 4 (sampling) is built in the MLP's input space already (SPEC §3)."""
+    return a * measured.float() + b
 
-    def __init__(self, frames: int, embed_dim: int, a: float, b: float):
+
+class AppearanceGuidance(TemporalModule):
+    """Each row of an appearance matrix in the MLP's input space (`a * A + b` of a measured A in
+    training, Eq. 4 in sampling), resampled to the MLP's `frames` inputs -> MLP -> [B, F, E]."""
+
+    def __init__(self, frames: int, embed_dim: int):
         super().__init__()
-        self.frames, self.a, self.b = frames, a, b
+        self.frames = frames
         self.mlp = _mlp(frames, embed_dim)
 
-    def forward(self, appearance: torch.Tensor) -> torch.Tensor:
-        bsz, f, _ = appearance.shape
-        rows = (self.a * appearance.float() + self.b).reshape(bsz * f, f, 1)
+    def forward(self, appearance_matrix: torch.Tensor) -> torch.Tensor:
+        bsz, f, _ = appearance_matrix.shape
+        rows = appearance_matrix.float().reshape(bsz * f, f, 1)
         rows = _resample(rows, self.frames).reshape(bsz, f, self.frames)
         return self.mlp(rows.to(self.mlp[0].weight.dtype))
 

@@ -73,7 +73,7 @@ class HiGenUNet(nn.Module):
                   Slot("time_embed.2", "time", "time_embedding.linear_2", "time_embed.2")]
         self.spatial_prior = SpatialPrior(cfg.in_channels, base)
         self.motion_embedding = MotionGuidance(base, emb, cfg.motion_scale)
-        self.appearance_embedding = AppearanceGuidance(cfg.frames, emb, cfg.appearance_a, cfg.appearance_b)
+        self.appearance_embedding = AppearanceGuidance(cfg.frames, emb)
         self.text_projection = (TextTokenProjection(cfg.context_dim, cfg.text_tokens, cfg.head_dim)
                                 if cfg.use_text_tokens_projection else None)
 
@@ -137,30 +137,32 @@ class HiGenUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 spatial_prior: torch.Tensor | None = None, motion: torch.Tensor | None = None,
-                appearance: torch.Tensor | None = None, spatial_only: bool = False) -> torch.Tensor:
+                appearance_matrix: torch.Tensor | None = None, spatial_only: bool = False) -> torch.Tensor:
         """Predict `[B,4,F,h,w]` from noisy latents x `[B,4,F,h,w]`, timesteps `[B]` (or a scalar),
         text tokens `[B,L,D]`.
 
         Video pass: a missing spatial prior is zeros, missing motion zeros, a missing appearance
-        matrix all ones (no appearance change). Spatial-only pass (F must be 1): the SPEC's neutral
+        matrix all ones (no appearance change). `appearance_matrix` `[B,F,F]` is in the appearance
+        MLP's input space: Eq. 4 as it is, or `guidance.appearance_affine` of a measured matrix.
+        Spatial-only pass (F must be 1): the SPEC's neutral
         inputs are always used (zero prior, motion 0, appearance ones); the given ones are ignored,
         and every temporal layer and guidance module runs behind a zero gate.
         """
         cfg = self.cfg
-        b, _, frames, h, w = self._check_inputs(x, timesteps, context, spatial_prior, motion, appearance,
-                                                spatial_only)
+        b, _, frames, h, w = self._check_inputs(x, timesteps, context, spatial_prior, motion,
+                                                appearance_matrix, spatial_only)
         timesteps = (timesteps.reshape(-1).expand(b) if timesteps.numel() == 1 else timesteps).to(x.device)
         gate = 0.0 if spatial_only else 1.0
         if spatial_only or spatial_prior is None:
             spatial_prior = x.new_zeros(b, cfg.in_channels, h, w)
         if spatial_only or motion is None:
             motion = x.new_zeros(b, max(frames - 1, 1))
-        if spatial_only or appearance is None:
-            appearance = x.new_ones(b, frames, frames)
+        if spatial_only or appearance_matrix is None:
+            appearance_matrix = x.new_ones(b, frames, frames)
 
         weight = self.time_embed[0].weight
         t_emb = self.time_embed(sinusoidal_embedding(timesteps, cfg.base_channels).to(weight.dtype))
-        guide = self.motion_embedding(motion, frames) + self.appearance_embedding(appearance)
+        guide = self.motion_embedding(motion, frames) + self.appearance_embedding(appearance_matrix)
         emb = (t_emb[:, None] + gate * guide).reshape(b * frames, -1)  # (b f) order, like x below
         context = context.to(weight.dtype)
         if self.text_projection is not None:
@@ -187,7 +189,7 @@ class HiGenUNet(nn.Module):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    def _check_inputs(self, x, timesteps, context, spatial_prior, motion, appearance, spatial_only):
+    def _check_inputs(self, x, timesteps, context, spatial_prior, motion, appearance_matrix, spatial_only):
         cfg = self.cfg
 
         def fail(msg: str):
@@ -218,9 +220,9 @@ class HiGenUNet(nn.Module):
                  f"got {tuple(motion.shape)}")
         if frames == 1 and motion is not None:
             fail("motion factors need F >= 2 frames; a single frame has no frame pairs")
-        if appearance is not None and tuple(appearance.shape) != (b, frames, frames):
-            fail(f"appearance must be [B,F,F]={[b, frames, frames]} for x {tuple(x.shape)}, "
-                 f"got {tuple(appearance.shape)}")
+        if appearance_matrix is not None and tuple(appearance_matrix.shape) != (b, frames, frames):
+            fail(f"appearance_matrix must be [B,F,F]={[b, frames, frames]} for x {tuple(x.shape)}, "
+                 f"got {tuple(appearance_matrix.shape)}")
         return b, cfg.in_channels, frames, h, w
 
 

@@ -34,6 +34,7 @@ from pipeline.manifest import Manifest, SeenSources, ShardPlanner
 from pipeline.placement import actor_env, check_decoder, check_devices, local_model_paths
 from pipeline.preflight import JobArgs, JobError, Preflight, Ready  # noqa: F401  (public names)
 from pipeline.shard import ShardTask
+from pipeline.statistics import dataset_statistics
 from pipeline.storage import KINDS, OutputStore, json_bytes
 from pipeline.summary import KindStats, Summary
 from pipeline.untrusted import redact_url
@@ -186,14 +187,19 @@ def _index_schema():
 
 
 class Finalize:
-    """Totals over every committed shard (this run's and earlier ones) -> `dataset.json`."""
+    """Totals over every committed shard (this run's and earlier ones) and the data statistics
+    (percentiles of γm units and appearance change, pipeline/statistics.py) -> `dataset.json`."""
 
     def __init__(self, cfg: PrepConfig, ready: Ready, args: JobArgs):
         self.cfg, self.store, self.args, self.fingerprint = cfg, ready.store, args, ready.fingerprint
         self.ready = ready
 
     def write_dataset_json(
-        self, totals: dict[str, Any] | None, model_ids: dict | None, complete: bool
+        self,
+        totals: dict[str, Any] | None,
+        model_ids: dict | None,
+        complete: bool,
+        statistics: tuple[dict[str, Any] | None, str] | None = None,
     ) -> None:
         old = self.store.read_json(self.store.path("dataset.json")) or {}
         params = self.cfg.manifest.redact_query_params  # a presigned manifest URL is stored redacted
@@ -215,6 +221,14 @@ class Finalize:
             config=public_config(self.cfg),
             updated_at=time.time(),
         )
+        # Training copies these into its checkpoints (core/statistics.py): sampling defaults and
+        # γm / γa range warnings. None with the reason when they cannot be computed.
+        if statistics is None:
+            statistics = (old.get("statistics"), old.get("statistics_note"))
+        stats, why = statistics
+        doc["statistics"] = stats
+        if stats is None and why:
+            doc["statistics_note"] = why
         self.store.write_atomic(self.store.path("dataset.json"), json_bytes(doc))
 
     def _file_records(self) -> dict[str, list[dict[str, Any]]]:
@@ -227,7 +241,7 @@ class Finalize:
         return out
 
     def run(self, summary: Summary) -> None:
-        model_ids = None
+        model_ids, statistics = None, (None, "no video shards")
         index_rows: list[dict[str, Any]] = []
         for kind in KINDS:
             committed = sorted(self.store.committed(kind))
@@ -237,8 +251,12 @@ class Finalize:
             summary.totals[kind] = KindStats.totals([shard_stats[i] for i in committed if i in shard_stats])
             model_ids = model_ids or next((s.get("model_ids") for s in shard_stats.values()), None)
             index_rows += [_index_row(kind, shard_stats[i]) for i in committed if i in shard_stats]
+            if kind == "videos" and committed:
+                video = self.cfg.video
+                done = [shard_stats[i] for i in committed if i in shard_stats]
+                statistics = dataset_statistics(done, video.width, video.height)
         self.write_index(index_rows)
-        self.write_dataset_json(summary.totals, model_ids, complete=summary.complete)
+        self.write_dataset_json(summary.totals, model_ids, complete=summary.complete, statistics=statistics)
         self.store.clean_tmp()
 
     def write_index(self, rows: list[dict[str, Any]]) -> None:

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.shards import FORMAT_VERSION, STATUS_COLUMNS, ShardError, iter_samples, shard_name, split_name
+from pipeline.statistics import FactorLog
 from pipeline.storage import OutputStore, json_bytes
 
 STATUS_SCHEMA = pa.schema([(name, pa.string()) for name in STATUS_COLUMNS])
@@ -53,11 +54,13 @@ class ShardWriter:
         self.reasons: Counter = Counter()
         self.ok = 0
         self.sample_bytes = 0
+        self.factors = FactorLog()  # per-clip factors for dataset.json's statistics
 
     def add_ok(self, key: str, source: str, caption: str, members: Members) -> None:
         for name, data in members:
             self._tar.addfile(tar_info(name, len(data)), io.BytesIO(data))
             self.sample_bytes += len(data)
+        self.factors.add(members)
         self.ok += 1
         self.rows.append(dict(key=key, source=source, caption=caption, status="ok", reason=None, detail=None))
 
@@ -97,6 +100,9 @@ class ShardWriter:
             format_version=FORMAT_VERSION,
             committed_at=time.time(),
         )
+        factors = self.factors.to_dict()
+        if factors is not None:
+            stats["factors"] = factors
         self.store.publish(self.tmp_tar, self.store.shard_path(self.kind, self.index, "tar"))
         self.store.publish(tmp_parquet, self.store.shard_path(self.kind, self.index, "parquet"))
         self.store.write_atomic(self.store.shard_path(self.kind, self.index, "json"), json_bytes(stats))

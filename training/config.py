@@ -201,6 +201,9 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    # The data's statistics (core/statistics.py), copied from dataset.json at start-up so that
+    # every saved config.yaml and model.yaml carries them; a value given here is replaced.
+    statistics: dict | None = None
 
     def __post_init__(self) -> None:
         check(

@@ -48,6 +48,8 @@ def export(ckpt: str | Path, out: str | Path, ema: bool = False) -> Path:
         "text": train_cfg["model"]["text"],
         "vae": train_cfg["model"]["vae"],
         "source": {"checkpoint": str(path), "ema": ema},
+        # The data's statistics: sampling defaults and range warnings (model/calibration.py).
+        "statistics": train_cfg.get("statistics"),
     }
     (out / "model.yaml").write_text(yaml.safe_dump(model, sort_keys=False))
     return out

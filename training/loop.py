@@ -18,6 +18,9 @@ import yaml
 
 from core.config import to_dict
 from core.redact import redact_secrets
+from core.statistics import read_dataset_statistics
+from model.calibration import resolve_appearance_affine
+from model.guidance import appearance_affine
 from model.unet import middle_frame_prior
 from training import checkpoint as ckpt_lib
 from training import setup
@@ -76,6 +79,13 @@ class Trainer:
         roles = "".join(setup.role_for(cfg, r, self.world).role[0] for r in range(self.world))
         shards = {k: len(v) for k, v in self.plan.shards.items()}
         self.log(f"[train] world {self.world}, rank roles {roles} (i=image, v=video), shards {shards}")
+        # Calibration (model/calibration.py): the data's statistics travel with every checkpoint,
+        # and `unet.appearance_affine: auto` becomes the a, b they imply.
+        stats, why = read_dataset_statistics(self.data_root, cfg.data.storage_options)
+        if stats is None:
+            self.log(f"[train] warning: calibration unavailable ({why}); sampling cannot check γm, γa")
+        cfg.statistics = stats.to_dict() if stats else None
+        cfg.unet = resolve_appearance_affine(cfg.unet, stats, why)
         if self.rank == 0:
             Path(self.output).mkdir(parents=True, exist_ok=True)
             (Path(self.output) / "config.yaml").write_text(public_yaml(cfg))
@@ -172,7 +182,10 @@ class Trainer:
             video = {
                 "spatial_prior": middle_frame_prior(latents),
                 "motion": batch["motion"].to(dev),
-                "appearance": batch["appearance"].to(dev),
+                # The affine maps measured similarities into the MLP's input space (training only).
+                "appearance_matrix": appearance_affine(
+                    batch["appearance"].to(dev), self.cfg.unet.appearance_a, self.cfg.unet.appearance_b
+                ),
             }
         return self.diffusion.training_loss(
             self.engine,

@@ -118,7 +118,7 @@ def test_training_loss_on_the_unet_is_reproducible_and_trains():
     diffusion = Diffusion()
     x, _, ctx = inputs(frames=4)
     null = torch.zeros(7, 64)
-    kw = dict(spatial_prior=x[:, :, 2], motion=torch.rand(2, 3) * 40, appearance=torch.ones(2, 4, 4),
+    kw = dict(spatial_prior=x[:, :, 2], motion=torch.rand(2, 3) * 40, appearance_matrix=torch.ones(2, 4, 4),
               null_context=null)
     torch.manual_seed(0)
     a = diffusion.training_loss(unet, x, ctx, generator=torch.Generator().manual_seed(3), **kw)

@@ -8,17 +8,17 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from test_sample import TINY, one_thread, tiny_export  # noqa: F401  (shared tiny export)
+from sample_testlib import TINY, one_thread, tiny_export  # noqa: F401  (shared tiny export)
 
-from model import evaluate
+from model import clip_metrics, evaluate
 from model.video_io import write_mp4
 
 F, W, H = 8, 128, 64
 
 
 @pytest.fixture(scope="module")
-def scorer() -> evaluate.ClipScorer:
-    return evaluate.ClipScorer("tiny")
+def scorer() -> clip_metrics.ClipScorer:
+    return clip_metrics.ClipScorer("tiny")
 
 
 def _static(rng) -> np.ndarray:
@@ -49,10 +49,10 @@ def test_metrics_match_their_definitions():
     feats = torch.nn.functional.normalize(torch.randn(5, 16), dim=-1)
     text = torch.nn.functional.normalize(torch.randn(16), dim=-1)
     expected_tc = np.mean([float(feats[i] @ feats[i + 1]) for i in range(4)])
-    assert evaluate.temporal_consistency(feats) == pytest.approx(expected_tc, abs=1e-6)
-    assert evaluate.clipsim(feats, text) == pytest.approx(float((feats @ text).mean()), abs=1e-6)
+    assert clip_metrics.temporal_consistency(feats) == pytest.approx(expected_tc, abs=1e-6)
+    assert clip_metrics.clipsim(feats, text) == pytest.approx(float((feats @ text).mean()), abs=1e-6)
     with pytest.raises(ValueError, match="2 frames"):
-        evaluate.temporal_consistency(feats[:1])
+        clip_metrics.temporal_consistency(feats[:1])
 
 
 def test_real_clips_reference_row(scorer, tmp_path):
@@ -60,14 +60,14 @@ def test_real_clips_reference_row(scorer, tmp_path):
     write_mp4(_static(rng), tmp_path / "static.mp4")
     write_mp4(_moving(rng), tmp_path / "moving.mp4")
     (tmp_path / "broken.mp4").write_bytes(b"not a video")
-    static = evaluate.score_real(scorer, str(tmp_path / "static.mp4"), F, 8.0)
-    moving = evaluate.score_real(scorer, str(tmp_path / "moving.mp4"), F, 8.0)
+    static = clip_metrics.score_real(scorer, str(tmp_path / "static.mp4"), F, 8.0)
+    moving = clip_metrics.score_real(scorer, str(tmp_path / "moving.mp4"), F, 8.0)
     assert static["temporal_consistency"] > moving["temporal_consistency"]
 
     manifest = tmp_path / "videos.csv"
     pd.DataFrame({"video": ["static.mp4", "moving.mp4", "broken.mp4"],
                   "caption": ["noise", "", "x"]}).to_csv(manifest, index=False)
-    row = evaluate.score_real(scorer, str(manifest), F, 8.0)
+    row = clip_metrics.score_real(scorer, str(manifest), F, 8.0)
     assert row["n"] == 2 and row["skipped"] == 1  # counted, not silently dropped
     assert row["temporal_consistency"] == pytest.approx(
         (static["temporal_consistency"] + moving["temporal_consistency"]) / 2, abs=1e-5)
@@ -87,11 +87,13 @@ def test_sweep_cli_writes_table_and_plot(tmp_path):
     assert code == 0
     table = pd.read_csv(out / "metrics.csv")
     assert list(table["setting"]) == ["motion sweep"] * 2 + ["appearance sweep"] * 2 + ["real clips"]
-    assert list(table["motion"][:4]) == [300, 600, 500, 500]
-    assert list(table["appearance"][:4]) == [1.0, 1.0, 0.0, 1.0]
+    # γm defaults to the training median of the export's statistics (3.0).
+    assert list(table["motion_factor"][:4]) == [300, 600, 3.0, 3.0]
+    assert list(table["appearance_factor"][:4]) == [1.0, 1.0, 0.0, 1.0]
     assert (table["n"][:4] == 2).all()
     assert table[["temporal_consistency", "clipsim"]][:4].apply(np.isfinite).all().all()
-    assert table["temporal_consistency"].between(-1, 1 + 1e-5).all()
+    # The factors reach the model: γa = 0 and γa = 1 (same prior and noise) score differently.
+    assert table["temporal_consistency"][2] != table["temporal_consistency"][3]
     assert "real clips" in (out / "metrics.md").read_text()
     with Image.open(out / "sweep.png") as im:
         im.load()

@@ -1,5 +1,5 @@
-"""Sampling from a tiny export: decodable MP4 with F frames, seeds, image-to-video, saved priors,
-batches, and bad input."""
+"""Sampling from a tiny export: decodable MP4 with F frames, seeds, image-to-video, saved priors
+(that keep the scene), saved latents, batches, and checkpoint loading."""
 
 from __future__ import annotations
 
@@ -10,44 +10,25 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sample_testlib import STATS, TINY, F, H, W, one_thread, tiny_export  # noqa: F401
 
+from core.config import load_config
 from model import sample
-from model.checkpoint_io import CheckpointError, load_for_sampling, save_export
-from model.config import DiffusionConfig, UNetConfig
-from model.unet import HiGenUNet
+from model.checkpoint_io import CheckpointError, load_for_sampling
+from model.config import UNetConfig
+from model.sample_config import SampleConfig
+from model.sampler import Sampler
 from model.video_io import load_image, read_video
-
-TINY = str(Path(__file__).resolve().parents[2] / "configs" / "sample" / "tiny.yaml")
-F, W, H = 8, 128, 64
-
-
-def tiny_export(out: Path, seed: int = 0) -> Path:
-    """A tiny HiGen UNet as `training.export` writes it. The zero-initialised joins (spatial
-    prior conv, guidance MLP outputs, last temporal convs) get small random weights, as training
-    would give them, so the prior and the factors change the output."""
-    cfg = UNetConfig.tiny(dropout=0.0, temporal_dropout=0.0)
-    torch.manual_seed(seed)
-    unet = HiGenUNet(cfg)
-    with torch.no_grad():
-        for p in unet.parameters():
-            if not p.any():
-                p.normal_(0, 0.05)
-    return save_export(unet, cfg, DiffusionConfig(), "tiny", "tiny", out, {"checkpoint": "step_0000010"})
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models are latency-bound: on a shared 2-core machine, 2 OpenMP threads run a
-    UNet call ~30x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory) -> Path:
     return tiny_export(tmp_path_factory.mktemp("export") / "export")
+
+
+@pytest.fixture(scope="module")
+def sampler(export_dir) -> Sampler:
+    return Sampler(load_for_sampling(export_dir), load_config(SampleConfig, TINY, ["steps=3"]))
 
 
 @pytest.fixture
@@ -63,9 +44,11 @@ def _sample(export_dir, out, *extra) -> int:
     return sample.main(args)
 
 
-def test_writes_decodable_mp4_and_same_seed_same_video(export_dir, tmp_path):
+def test_writes_decodable_mp4_and_same_seed_same_video(export_dir, sampler, tmp_path):
     a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
-    assert _sample(export_dir, a, "--prompt", "a red ball", "--seed", "7", "--gif") == 0
+    latents = tmp_path / "a_latents.npy"
+    assert _sample(export_dir, a, "--prompt", "a red ball", "--seed", "7", "--gif",
+                   "--save-latents", str(latents)) == 0
     assert _sample(export_dir, b, "--prompt", "a red ball", "--seed", "7") == 0
     va, vb = read_video(a), read_video(b)
     assert va.shape == (F, H, W, 3)
@@ -77,31 +60,45 @@ def test_writes_decodable_mp4_and_same_seed_same_video(export_dir, tmp_path):
         assert gif.n_frames == F
     meta = json.loads(a.with_suffix(".json").read_text())
     assert meta["prompt"] == "a red ball" and meta["seed"] == 7 and meta["steps"] == 3
+    # --save-latents (contract): the clip's latents before decoding, float32 [F,4,h,w].
+    saved = np.load(latents, allow_pickle=False)
+    assert saved.dtype == np.float32 and saved.shape == (F, 4, H // 8, W // 8)
+    expected, _ = sampler.generate(["a red ball"], seed=7)
+    np.testing.assert_allclose(saved, expected[0].transpose(0, 1).numpy(), rtol=1e-5, atol=1e-5)
+    assert meta["latents"] == str(latents)
 
 
-def test_image_prior_skips_stage_one_and_changes_result(export_dir, ref_image):
-    cfg = sample.load_config(sample.SampleConfig, TINY, ["steps=3"])
-    sampler = sample.Sampler(load_for_sampling(export_dir), cfg)
+def test_image_prior_skips_stage_one_and_changes_result(sampler, ref_image):
     frames_per_call: list[int] = []
-    sampler.unet.register_forward_pre_hook(lambda _m, args: frames_per_call.append(args[0].shape[2]))
+    hook = sampler.unet.register_forward_pre_hook(lambda _m, args: frames_per_call.append(args[0].shape[2]))
+    try:
+        text_latents, _ = sampler.generate(["a cat"], seed=1)
+        assert frames_per_call == [1] * 3 + [F] * 3  # stage 1 (F=1), then stage 2
+        other_seed, _ = sampler.generate(["a cat"], seed=2)
+        assert (other_seed - text_latents).abs().mean() > 1e-3
 
-    text_latents, text_prior = sampler.generate(["a cat"], seed=1)
-    assert frames_per_call == [1] * 3 + [F] * 3  # stage 1 (F=1), then stage 2
-    other_seed, _ = sampler.generate(["a cat"], seed=2)
-    assert (other_seed - text_latents).abs().mean() > 1e-3
+        frames_per_call.clear()
+        image_prior = sampler.image_prior(load_image(ref_image, W, H))
+        image_latents, used = sampler.generate(["a cat"], seed=1, prior=image_prior)
+        assert frames_per_call == [F] * 3  # stage 1 skipped
+        torch.testing.assert_close(used, image_prior)
+        assert (image_latents - text_latents).abs().mean() > 1e-3
+    finally:
+        hook.remove()
 
-    frames_per_call.clear()
-    image_prior = sampler.image_prior(load_image(ref_image, W, H))
-    image_latents, used = sampler.generate(["a cat"], seed=1, prior=image_prior)
-    assert frames_per_call == [F] * 3  # stage 1 skipped
-    torch.testing.assert_close(used, image_prior)
-    assert (image_latents - text_latents).abs().mean() > 1e-3
 
-    # A saved prior reused with another prompt gives the same stage-2 input structure.
-    frames_per_call.clear()
-    again, used_again = sampler.generate(["a dog"], seed=1, prior=text_prior)
-    assert frames_per_call == [F] * 3
-    torch.testing.assert_close(used_again, text_prior)
+def test_saved_prior_keeps_the_scene(sampler):
+    """Paper Fig. 6: the same z_s with another prompt keeps the structure. With the same stage-2
+    noise, a clip from the saved prior starts closer to the original than one from a fresh prior
+    of the new prompt (which fails if the prior is ignored or re-sampled)."""
+    prior = sampler.spatial_prior(["a red ball"], seed=1)
+    original, _ = sampler.generate(["a red ball"], seed=5, prior=prior)
+    reused, used = sampler.generate(["a blue car"], seed=5, prior=prior)
+    torch.testing.assert_close(used, prior)
+    fresh, _ = sampler.generate(["a blue car"], seed=5, prior=sampler.spatial_prior(["a blue car"], seed=9))
+    kept = (reused[:, :, 0] - original[:, :, 0]).abs().mean()
+    other = (fresh[:, :, 0] - original[:, :, 0]).abs().mean()
+    assert kept < 0.8 * other, (float(kept), float(other))
 
 
 def test_cli_image_and_prior_roundtrip(export_dir, ref_image, tmp_path):
@@ -126,10 +123,13 @@ def test_cli_image_and_prior_roundtrip(export_dir, ref_image, tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--appearance", "1.5"], "1.5"),
-    (["--appearance", "-0.1"], "-0.1"),
-    (["--motion", "-5"], "-5"),
-    (["--frames", "16"], "16"),
+    (["--appearance", "1.5"], "valid range [0, 1], got 1.5"),
+    (["--appearance", "-0.1"], "valid range [0, 1], got -0.1"),
+    (["--motion", "-5"], "valid range [0, inf)), got -5"),
+    (["--frames", "16"], "frames=16"),
+    (["--frames", "4"], "exactly 8"),
+    (["--save-latents", "MISSING/x.npy"], "x.npy: cannot write there (directory"),
+    (["--save-latents", "MISSING"], "must end in .npy (valid: a writable FILE.npy path)"),
     (["--image", "MISSING"], "MISSING"),
     (["--image", "NOTIMAGE"], "NOTIMAGE"),
     (["--prior", "NOTIMAGE"], "NOTIMAGE"),
@@ -168,7 +168,7 @@ def test_training_dir_uses_its_export_when_current(export_dir, tmp_path):
 # A real ZeRO-2 checkpoint written by training's own code (one CPU rank, gloo) in a child
 # process, so no process group leaks into this one.
 MAKE_CHECKPOINT = """
-import sys, deepspeed, torch
+import json, sys, deepspeed, torch
 from core.config import load_config, to_yaml
 from training import checkpoint, setup
 from training.config import TrainConfig
@@ -176,6 +176,7 @@ from training.optim import deepspeed_config, make_optimizer, make_scheduler
 from safetensors.torch import save_file
 out = sys.argv[1]
 cfg = load_config(TrainConfig, sys.argv[2], ["deepspeed.zero_stage=2"])
+cfg.statistics = json.loads(sys.argv[3])  # as training copies them from dataset.json
 setup.init_distributed()
 unet = setup.build_unet(cfg, 0)
 engine, *_ = deepspeed.initialize(model=unet, optimizer=make_optimizer(cfg, unet),
@@ -188,7 +189,7 @@ save_file({k: v.contiguous() for k, v in engine.module.state_dict().items()}, ou
 
 
 @pytest.mark.slow
-def test_training_output_is_consolidated_from_newest_complete_checkpoint(tmp_path):
+def test_training_output_is_consolidated_from_newest_complete_checkpoint(tmp_path, capsys):
     import os
     import subprocess
     import sys
@@ -199,16 +200,27 @@ def test_training_output_is_consolidated_from_newest_complete_checkpoint(tmp_pat
     run = tmp_path / "run"
     run.mkdir()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
-    cmd = [sys.executable, "-c", MAKE_CHECKPOINT, str(run), str(repo / "configs/train/tiny.yaml")]
-    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-c", MAKE_CHECKPOINT, str(run), str(repo / "configs/train/tiny.yaml"),
+           json.dumps(STATS.to_dict())]
+    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     # A newer save that never completed must be ignored.
     (run / "checkpoints" / "step_0000009").mkdir()
-    bundle = load_for_sampling(run)
+    # A DeepSpeed checkpoint unpickles: refused unless trusted, with the way out.
+    with pytest.raises(CheckpointError, match="--trust-checkpoint.*training.export"):
+        load_for_sampling(run)
+    assert sample.main(["--ckpt", str(run), "--prompt", "p", "--out", str(tmp_path / "x.mp4")]) == 2
+    assert "unpickles" in capsys.readouterr().err and not (tmp_path / "x.mp4").exists()
+    bundle = load_for_sampling(run, trust_checkpoint=True)
     assert bundle.step == 7 and bundle.source.endswith("step_0000007")
-    assert bundle.text == bundle.vae == "tiny"
+    assert bundle.text == bundle.vae == "tiny" and bundle.statistics == STATS
     expected = load_file(str(run / "expected.safetensors"))
     got = bundle.unet.state_dict()
     assert set(got) == set(expected)
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, msg=name)
+    # training.export carries the statistics into model.yaml; the export needs no trust.
+    from training.export import export
+
+    exported = load_for_sampling(export(run, tmp_path / "export"))
+    assert exported.statistics == STATS and exported.step == 7

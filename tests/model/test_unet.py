@@ -26,7 +26,7 @@ def test_guidance_is_zero_initialised():
     prior, motion, appearance = guidance(2, 4)
     with torch.no_grad():
         plain = unet(x, t, ctx)
-        guided = unet(x, t, ctx, spatial_prior=prior, motion=motion, appearance=appearance)
+        guided = unet(x, t, ctx, spatial_prior=prior, motion=motion, appearance_matrix=appearance)
     assert plain.abs().mean() > 1e-3  # the output is not trivially constant
     torch.testing.assert_close(guided, plain, rtol=0, atol=0)
 
@@ -35,7 +35,7 @@ def test_guidance_is_zero_initialised():
         trained = tiny_unet()
         perturb(trained, {n for n, _ in trained.named_parameters() if n.startswith(name)}, seed=3)
         with torch.no_grad():
-            out = trained(x, t, ctx, spatial_prior=prior, motion=motion, appearance=appearance)
+            out = trained(x, t, ctx, spatial_prior=prior, motion=motion, appearance_matrix=appearance)
         assert (out - plain).abs().max() > 1e-4, name
 
 
@@ -44,7 +44,7 @@ def test_fresh_temporal_layers_give_the_per_frame_image_model():
     x, t, ctx = inputs(frames=4)
     prior, motion, appearance = guidance(2, 4)
     with torch.no_grad():
-        video = unet(x, t, ctx, spatial_prior=prior, motion=motion, appearance=appearance)
+        video = unet(x, t, ctx, spatial_prior=prior, motion=motion, appearance_matrix=appearance)
         frames = [unet(x[:, :, f:f + 1], t, ctx, spatial_only=True) for f in range(4)]
     torch.testing.assert_close(video, torch.cat(frames, dim=2), rtol=1e-5, atol=1e-5)
 
@@ -108,7 +108,8 @@ def test_text_token_projection_option():
 @pytest.mark.parametrize("call, message", [
     (lambda u, x, t, c: u(x[:, :, 0], t, c), "x must be [B,4,F,h,w]"),
     (lambda u, x, t, c: u(x, t, c[..., :32]), "context must be text tokens [B,L,64]"),
-    (lambda u, x, t, c: u(x, t, c, appearance=torch.ones(2, 5, 5)), "appearance must be [B,F,F]=[2, 4, 4]"),
+    (lambda u, x, t, c: u(x, t, c, appearance_matrix=torch.ones(2, 5, 5)),
+     "appearance_matrix must be [B,F,F]=[2, 4, 4]"),
     (lambda u, x, t, c: u(x, t, c, motion=torch.ones(2, 4)), "motion must be [B,F-1]=[2, 3]"),
     (lambda u, x, t, c: u(x, t, c, spatial_prior=torch.ones(2, 4, 4, 4)), "spatial_prior must be"),
     (lambda u, x, t, c: u(x, t, c, spatial_only=True), "spatial_only pass needs F=1"),

@@ -41,7 +41,7 @@ def test_modelscope_diffusers_weights_give_the_same_video_model(unet3d):  # noqa
         ref = unet3d(x, t, ctx).sample
         ours = unet(x, t, ctx, spatial_prior=torch.randn(2, 4, 8, 8, generator=gen),
                     motion=torch.rand(2, 3, generator=gen) * 50,
-                    appearance=torch.rand(2, 4, 4, generator=gen))
+                    appearance_matrix=torch.rand(2, 4, 4, generator=gen))
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
 
 

@@ -11,6 +11,7 @@ from trainlib import TINY, launch, tail
 from core.config import load_config
 from core.encoders import TextEncoder
 from model.diffusion import Diffusion
+from model.guidance import appearance_affine
 from model.params import param_groups
 from training import setup
 from training.config import TrainConfig
@@ -51,7 +52,9 @@ def reference_grads(folder: Path, cfg: TrainConfig, decay: float) -> dict[str, t
             extra = {
                 "spatial_prior": inp["latents"][:, :, 4],
                 "motion": inp["motion"],
-                "appearance": inp["appearance"],
+                "appearance_matrix": appearance_affine(
+                    inp["appearance"], cfg.unet.appearance_a, cfg.unet.appearance_b
+                ),
             }
         unet.zero_grad(set_to_none=False)
         loss = diffusion.training_loss(

@@ -1,33 +1,39 @@
-"""Two-stage sampling (SPEC §6, paper §3.4).
+"""The two-stage sampling algorithm (SPEC §6, paper §3.4); `model/sampler.py` wraps it with the
+encoders and the checkpoint's calibration, `model/sample.py` is the CLI.
 
 1. Spatial reasoning: a text-to-image pass (F = 1, spatial-only) gives the prior latent z_s
    (not decoded). Skipped when a `spatial_prior` is given: a user image encoded by the VAE
    (`encode_image_prior`, image-to-video) or a z_s reused across prompts (same structure,
    different motion, paper Fig. 6).
-2. Temporal reasoning: F-frame noise with z_s as spatial prior, the motion vector filled with γm
-   and the appearance matrix of Eq. 4, `A[i,j] = 1 - γa·|i-j|/(F-1)`.
+2. Temporal reasoning: F-frame noise (plus offset noise, `diffusion.sample_offset_noise`, as the
+   released inference adds) with z_s as spatial prior, the motion vector filled with γm and the
+   appearance matrix of Eq. 4, `A[i,j] = 1 - γa·|i-j|/(F-1)`, fed to the appearance MLP as it is
+   (the training affine `a·A+b` applies to measured matrices only).
 
-γm is on the model's motion scale (SPEC §2: round(motion_scale * m)); recommended 300–600 at
-448×256, default 500. The raw motion factor fed to the UNet is γm / motion_scale.
+γm (`motion_factor`) is 10 x the raw motion factor (core/statistics.MOTION_UNITS, the released
+code's scale): the UNet is fed γm / 10, whatever its `motion_scale` (the embedding's own scale,
+10 in every shipped config). Here γm is what the model is fed; the calibration to the training
+resolution lives in `model/calibration.py`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from core.statistics import MOTION_UNITS
 from model.diffusion import Diffusion
 from model.unet import HiGenUNet
 
 
-def appearance_matrix_from_factor(gamma_a: float, frames: int) -> torch.Tensor:
+def appearance_matrix(appearance_factor: float, frames: int) -> torch.Tensor:
     """Eq. 4: `[F,F]` with `A[i,j] = 1 - γa·|i-j|/(F-1)` (all ones for F = 1)."""
-    if not 0.0 <= gamma_a <= 1.0:
-        raise ValueError(f"appearance factor γa must be in [0, 1], got {gamma_a}")
+    if not 0.0 <= appearance_factor <= 1.0:
+        raise ValueError(f"the appearance factor γa must be in [0, 1], got {appearance_factor}")
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
     idx = torch.arange(frames, dtype=torch.float32)
     dist = (idx[:, None] - idx[None, :]).abs() / max(frames - 1, 1)
-    return 1.0 - gamma_a * dist
+    return 1.0 - appearance_factor * dist
 
 
 @torch.no_grad()
@@ -45,14 +51,15 @@ def encode_image_prior(vae, image: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def two_stage_sample(unet: HiGenUNet, diffusion: Diffusion, context: torch.Tensor,
-                     null_context: torch.Tensor | None, *, frames: int, motion: float = 500.0,
-                     appearance: float = 1.0, steps: int = 50, guidance: float = 12.0,
+                     null_context: torch.Tensor | None, *, frames: int, motion_factor: float = 500.0,
+                     appearance_factor: float = 1.0, steps: int = 50, guidance: float = 12.0,
                      generator: torch.Generator | None = None, spatial_prior: torch.Tensor | None = None,
                      latent_size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (video latents `[B,4,F,h,w]`, spatial prior `[B,4,h,w]`), both float32 on the UNet's device.
 
     context: text tokens `[B,L,D]`; null_context: empty-caption tokens `[L,D]`/`[1,L,D]`/`[B,L,D]`
-    for classifier-free guidance (None: no guidance). motion = γm >= 0, appearance = γa in [0, 1].
+    for classifier-free guidance (None: no guidance). motion_factor = γm >= 0 as fed to the model,
+    appearance_factor = γa in [0, 1].
     latent_size (h, w) is needed unless a spatial_prior `[B,4,h,w]` (or `[4,h,w]`) is given.
     """
     cfg = unet.cfg
@@ -61,9 +68,9 @@ def two_stage_sample(unet: HiGenUNet, diffusion: Diffusion, context: torch.Tenso
     b = context.shape[0]
     if not isinstance(frames, int) or not 2 <= frames <= cfg.frames:
         raise ValueError(f"frames must be an integer in 2..{cfg.frames} (UNetConfig.frames), got {frames}")
-    if motion < 0:
-        raise ValueError(f"motion factor γm must be >= 0, got {motion}")
-    appearance_matrix = appearance_matrix_from_factor(appearance, frames)
+    if motion_factor < 0:
+        raise ValueError(f"the motion factor γm must be >= 0, got {motion_factor}")
+    matrix = appearance_matrix(appearance_factor, frames)
     device = next(unet.parameters()).device
 
     if spatial_prior is None:
@@ -89,9 +96,10 @@ def two_stage_sample(unet: HiGenUNet, diffusion: Diffusion, context: torch.Tenso
         spatial_prior = spatial_prior.float().to(device)
         h, w = spatial_prior.shape[-2:]
 
-    motion_vec = torch.full((b, frames - 1), motion / cfg.motion_scale, device=device)
+    motion_vec = torch.full((b, frames - 1), motion_factor / MOTION_UNITS, device=device)
     video = diffusion.sample(unet, (b, cfg.in_channels, frames, h, w), context, null_context,
                              spatial_prior=spatial_prior, motion=motion_vec,
-                             appearance=appearance_matrix.to(device).expand(b, -1, -1),
-                             steps=steps, guidance=guidance, generator=generator)
+                             appearance_matrix=matrix.to(device).expand(b, -1, -1),
+                             steps=steps, guidance=guidance, generator=generator,
+                             offset_noise=diffusion.cfg.sample_offset_noise)
     return video, spatial_prior
