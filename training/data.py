@@ -21,10 +21,10 @@ it, so the main process knows exactly what was consumed.
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 from collections import Counter
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -45,26 +45,18 @@ BAD_KEYS = (*BAD_REASONS, "bad_shard")  # the keys of `bad_by_reason`
 STATE_VERSION = 2  # positions of another layout (or another K / buffer size) are re-derived
 
 
-@dataclass
-class StreamPos:
-    """Where one stream stands: every later choice is a function of these counters."""
-
-    generation: int = 0  # bumped when streams are re-derived (e.g. new world size)
-    draws: int = 0  # next draw index
-    picks: int = 0
-    last: int = -1  # slot of the previous sample
-    barren: int = 0  # shards closed in a row without a good sample
-    emitted: int = 0  # shuffle-buffer replacements so far
-    slots: list[list] = field(default_factory=list)  # [draw, samples read, any good] per slot
-    buffer: list[list] = field(default_factory=list)  # [draw, sample index] per buffered sample
-    version: int = STATE_VERSION
-
-    @classmethod
-    def fresh(cls, generation: int, slots: int) -> StreamPos:
-        return cls(generation, draws=slots, slots=[[k, 0, False] for k in range(slots)])
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)  # deep copies: a snapshot the stream's later moves do not touch
+def fresh_position(generation: int, slots: int) -> dict[str, Any]:
+    return {
+        "version": STATE_VERSION,
+        "generation": generation,  # bumped when streams are re-derived (e.g. new world size)
+        "draws": slots,  # next draw index; draws 0..K-1 fill the slots
+        "picks": 0,
+        "last": -1,  # slot of the previous sample
+        "barren": 0,  # shards closed in a row without a good sample
+        "emitted": 0,  # shuffle-buffer replacements so far
+        "slots": [[k, 0, False] for k in range(slots)],  # [draw, samples read, any good]
+        "buffer": [],  # [draw, sample index] of the buffered samples, in buffer order
+    }
 
 
 def to_example(sample: dict[str, Any], role: str) -> dict[str, Any]:
@@ -98,8 +90,8 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
 class _Stream:
     """One stream's state machine (runs inside a loader worker)."""
 
-    def __init__(self, owner: _Streams, stream: int, pos: StreamPos):
-        self.o, self.stream, self.pos = owner, stream, StreamPos(**pos.to_dict())
+    def __init__(self, owner: _Streams, stream: int, pos: dict[str, Any]):
+        self.o, self.stream, self.pos = owner, stream, copy.deepcopy(pos)
         self.readers: dict[int, ShardReader] = {}
         self.bad: Counter = Counter()
         self.events: Counter = Counter()
@@ -107,7 +99,7 @@ class _Stream:
 
     def _rng(self, what: str, n: int) -> random.Random:
         o = self.o
-        return random.Random(f"{o.seed}/{o.role.role}/{self.pos.generation}/{self.stream}/{what}/{n}")
+        return random.Random(f"{o.seed}/{o.role.role}/{self.pos['generation']}/{self.stream}/{what}/{n}")
 
     def url_for(self, draw: int) -> str:
         epoch, i = divmod(draw, len(self.o.drawable))
@@ -118,23 +110,23 @@ class _Stream:
         return self.o.source.urls[self._perm[1][i]]
 
     def _refill(self, k: int) -> None:
-        pos, slot = self.pos, self.pos.slots[k]
+        pos, slot = self.pos, self.pos["slots"][k]
         reader = self.readers.pop(k, None)
         if reader is not None:
             reader.close()
-        pos.barren = 0 if slot[2] else pos.barren + 1
-        if pos.barren >= MAX_BAD_DRAWS:
+        pos["barren"] = 0 if slot[2] else pos["barren"] + 1
+        if pos["barren"] >= MAX_BAD_DRAWS:
             raise DataError(
                 f"{MAX_BAD_DRAWS} shards in a row gave no valid sample (last: {self.url_for(slot[0])}); "
                 f"skipped so far by reason: {dict(self.bad)}"
             )
-        pos.slots[k] = [pos.draws, 0, False]
-        pos.draws += 1
+        pos["slots"][k] = [pos["draws"], 0, False]
+        pos["draws"] += 1
 
     def _raw_from(self, k: int):
         """Next raw sample of slot k, refilling the slot from the next draw at a shard's end."""
         while True:
-            slot = self.pos.slots[k]
+            slot = self.pos["slots"][k]
             url = self.url_for(slot[0])
             reader = self.readers.get(k)
             if reader is None:
@@ -164,16 +156,16 @@ class _Stream:
         return None
 
     def pick(self) -> int:
-        pos, n = self.pos, self.pos.picks
-        choices = [k for k in range(len(pos.slots)) if k != pos.last] or [0]
+        pos, n = self.pos, self.pos["picks"]
+        choices = [k for k in range(len(pos["slots"])) if k != pos["last"]] or [0]
         k = choices[self._rng("pick", n).randrange(len(choices))]
-        pos.picks, pos.last = n + 1, k
+        pos["picks"], pos["last"] = n + 1, k
         return k
 
     def rebuild_buffer(self) -> list[tuple[dict[str, Any], str]]:
         """Re-read the buffered samples named in the position (their shards are deterministic)."""
         out = []
-        for draw, index in self.pos.buffer:
+        for draw, index in self.pos["buffer"]:
             url = self.url_for(draw)
             reader = ShardReader(url, index, self.o.read)
             raw = reader.next()
@@ -202,18 +194,18 @@ class _Stream:
                 continue
             if len(buffer) < size:
                 buffer.append(item)
-                self.pos.buffer.append(ident)
+                self.pos["buffer"].append(ident)
                 continue
-            i = self._rng("buffer", self.pos.emitted).randrange(size)
-            self.pos.emitted += 1
-            out, buffer[i], self.pos.buffer[i] = buffer[i], item, ident
+            i = self._rng("buffer", self.pos["emitted"]).randrange(size)
+            self.pos["emitted"] += 1
+            out, buffer[i], self.pos["buffer"][i] = buffer[i], item, ident
             yield out
 
 
 class _Streams(IterableDataset):
     """Runs inside each loader worker: one stream per worker, batches of `micro_batch`."""
 
-    def __init__(self, loader: RoleLoader, positions: dict[int, StreamPos], rotation: int):
+    def __init__(self, loader: RoleLoader, positions: dict[int, dict[str, Any]], rotation: int):
         self.source, self.role, self.seed = loader.source, loader.role, loader.cfg.seed
         self.num_workers, self.positions, self.rotation = max(1, loader.num_workers), positions, rotation
         self.buffer_size, self.read = loader.cfg.shuffle_buffer, loader.read
@@ -239,7 +231,11 @@ class _Streams(IterableDataset):
             shards = []
             events, bad = dict(stream.events), dict(stream.bad)
             stream.events.clear(), stream.bad.clear()
-            pos = stream.pos.to_dict()  # a snapshot: the stream moves on while the batch waits
+            pos = {
+                **stream.pos,
+                "slots": [list(s) for s in stream.pos["slots"]],
+                "buffer": [list(b) for b in stream.pos["buffer"]],
+            }
             yield {**batch, "worker": worker, "pos": pos, "bad": bad, "events": events}
 
 
@@ -264,9 +260,9 @@ class RoleLoader:
         self._iter = None
         self._reported = 0
 
-    def _fresh(self, generation: int) -> dict[int, StreamPos]:
+    def _fresh(self, generation: int) -> dict[int, dict[str, Any]]:
         return {
-            w: StreamPos.fresh(generation, self.cfg.shuffle_shards) for w in range(max(1, self.num_workers))
+            w: fresh_position(generation, self.cfg.shuffle_shards) for w in range(max(1, self.num_workers))
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -278,7 +274,7 @@ class RoleLoader:
             "seed": self.cfg.seed,
             "shuffle": [self.cfg.shuffle_shards, self.cfg.shuffle_buffer],
             "batches": self.batches,
-            "positions": {str(w): p.to_dict() for w, p in self.positions.items()},
+            "positions": {str(w): p for w, p in self.positions.items()},
             "bad": dict(self.bad),
             "events": dict(self.events),
         }
@@ -290,8 +286,7 @@ class RoleLoader:
             p.get("version") == STATE_VERSION for p in positions.values()
         )
         if same and len(positions) == len(self.positions):
-            self.batches = int(state["batches"])
-            self.positions = {w: StreamPos(**p) for w, p in positions.items()}
+            self.batches, self.positions = int(state["batches"]), positions
         else:
             generation = 1 + max(int(p.get("generation", 0)) for p in positions.values())
             self.reseed(generation, "the saved loader state has another layout (shuffle settings or workers)")
@@ -321,7 +316,7 @@ class RoleLoader:
         if self._iter is None:
             self._iter = self._make_iter()
         batch = next(self._iter)
-        self.positions[batch.pop("worker")] = StreamPos(**batch.pop("pos"))
+        self.positions[batch.pop("worker")] = batch.pop("pos")
         bad = batch.pop("bad")
         self.bad.update(bad)
         self.events.update(batch.pop("events"))
