@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,7 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
-from core.shard_format import load_npy
+from core.shards import ShardError, iter_samples, load_npy
 
 KINDS = ("videos", "images")
 SMALL_MEMBERS = ("json", "motion.npy", "appearance.npy")
@@ -115,27 +114,12 @@ class KindReport:
 def iter_small_members(fileobj: IO[bytes]) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) per sample of a webdataset tar, reading only SMALL_MEMBERS.
 
-    `fileobj` must be seekable: random-access tarfile seeks past the payload of members it
-    is not asked to extract (the latents), so they are never read.
+    Read through the shard format's one reader (`core.shards.iter_samples`): `fileobj` must
+    be seekable, members not asked for (the latents) are seeked over, never read, and the
+    plain-tar and member-size limits apply (a refused member is simply absent).
     """
-    key, members = None, {}
-    with tarfile.open(fileobj=fileobj, mode="r:") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            base = info.name.rsplit("/", 1)[-1]
-            this_key, _, ext = base.partition(".")
-            if this_key != key:
-                if key is not None:
-                    yield key, members
-                key, members = this_key, {}
-            if ext in SMALL_MEMBERS:
-                members[ext] = tar.extractfile(info).read()
-            # Members are not needed after this point; dropping them keeps memory flat on
-            # shards with many samples.
-            tar.members.clear()
-    if key is not None:
-        yield key, members
+    for raw in iter_samples(fileobj, wanted=SMALL_MEMBERS):
+        yield raw.key.rsplit("/", 1)[-1], raw.members
 
 
 def clip_length(meta: dict[str, Any], motion: np.ndarray | None) -> tuple[int | None, float | None]:
@@ -178,7 +162,7 @@ def _add_sample(result: ShardResult, key: str, members: dict[str, bytes]) -> Non
             result.span_seconds.append(span)
 
 
-def read_shard(fs: fsspec.AbstractFileSystem, root: str, kind: str, name: str) -> ShardResult:
+def summarize_shard(fs: fsspec.AbstractFileSystem, root: str, kind: str, name: str) -> ShardResult:
     """Status counts from NAME.parquet and small-member statistics from NAME.tar."""
     result = ShardResult(name=f"{kind}/{name}")
     base = f"{root}/{kind}/{name}"
@@ -191,9 +175,13 @@ def read_shard(fs: fsspec.AbstractFileSystem, root: str, kind: str, name: str) -
         if status != "ok":
             result.reasons[reason or "unknown"] += 1
     if fs.exists(f"{base}.tar"):
-        with fs.open(f"{base}.tar", "rb", block_size=REMOTE_BLOCK_SIZE) as f:
-            for key, members in iter_small_members(f):
-                _add_sample(result, key, members)
+        try:
+            with fs.open(f"{base}.tar", "rb", block_size=REMOTE_BLOCK_SIZE) as f:
+                for key, members in iter_small_members(f):
+                    _add_sample(result, key, members)
+        except ShardError as exc:  # compressed, corrupt or truncated: report it, go on
+            result.unreadable["bad_shard"] += 1
+            print(f"report: {result.name}.tar: {exc}", file=sys.stderr)
     return result
 
 
@@ -222,7 +210,7 @@ def collect(out: str, workers: int = 8) -> tuple[dict[str, KindReport], dict[str
         for kind in KINDS:
             done, incomplete = _shard_names(fs, root, kind)
             rep = KindReport(kind=kind, shards=len(done), incomplete_shards=incomplete)
-            parts = list(pool.map(lambda n, k=kind: read_shard(fs, root, k, n), done))
+            parts = list(pool.map(lambda n, k=kind: summarize_shard(fs, root, k, n), done))
             for part in parts:
                 rep.status.update(part.status)
                 rep.reasons.update(part.reasons)

@@ -20,7 +20,7 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from core.shard_format import FORMAT_VERSION, STATUS_COLUMNS, shard_name
+from core.shards import FORMAT_VERSION, STATUS_COLUMNS, ShardError, iter_samples, shard_name, split_name
 from pipeline.storage import OutputStore, json_bytes
 
 STATUS_SCHEMA = pa.schema([(name, pa.string()) for name in STATUS_COLUMNS])
@@ -109,18 +109,12 @@ def read_status(store: OutputStore, kind: str, index: int) -> list[dict[str, Any
 
 
 def iter_tar_samples(store: OutputStore, kind: str, index: int) -> Iterator[tuple[str, Members]]:
-    """(key, members) of a committed tar, in file order, streaming (for `--retry-failed`)."""
+    """(key, members) of a committed tar, in file order, streaming (for `--retry-failed`).
+
+    Read through the shard format's one reader (`core.shards.iter_samples`): every member is
+    kept, since the shard is ours, but the plain-tar and member-size limits still hold."""
     with store.fs.open(store.shard_path(kind, index, "tar"), "rb") as fh:
-        key, members = None, []
-        with tarfile.open(fileobj=fh, mode="r|") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                this = info.name.split(".", 1)[0]
-                if key is not None and this != key:
-                    yield key, members
-                    members = []
-                key = this
-                members.append((info.name, tar.extractfile(info).read()))
-        if key is not None:
-            yield key, members
+        for raw in iter_samples(fh, wanted=None):
+            if raw.problem:
+                raise ShardError(f"{store.shard_path(kind, index, 'tar')}: {raw.detail}")
+            yield raw.key, [(name, raw.members[split_name(name)[1]]) for name in raw.names]

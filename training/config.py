@@ -67,9 +67,24 @@ class DataConfig:
     # fsspec storage options for --data, e.g. {client_kwargs: {endpoint_url: http://minio:9000}};
     # credentials are better left to the standard environment variables / instance roles.
     storage_options: dict[str, Any] = field(default_factory=dict)
+    # Sample-level shuffle: each loader worker interleaves this many open shards (K) ...
+    shuffle_shards: int = 8
+    # ... and optionally mixes further in a buffer of this many samples (0 = none).
+    shuffle_buffer: int = 0
+    # Shards may be hostile: a tar member larger than this (by its header) is refused unread.
+    max_member_bytes: int = 64 << 20
+    read_retries: int = 5  # storage errors per shard before it is skipped
+    retry_backoff_s: float = 0.2  # first retry's wait; doubles per retry, with jitter
 
     def __post_init__(self) -> None:
         check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers!r}")
+        for name in ("shuffle_shards", "max_member_bytes"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 1, name, f"must be an integer >= 1, got {value!r}")
+        for name in ("shuffle_buffer", "read_retries"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 0, name, f"must be an integer >= 0, got {value!r}")
+        check(self.retry_backoff_s >= 0, "retry_backoff_s", f"must be >= 0, got {self.retry_backoff_s!r}")
         check(
             self.prefetch_factor >= 1, "prefetch_factor", f"must be >= 1, got {self.prefetch_factor!r}"
         )

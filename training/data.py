@@ -1,109 +1,76 @@
-"""Streaming, resumable readers of shard format v1 (SPEC §1) for image ranks and video ranks.
+"""Streaming, resumable, sample-shuffled readers of shard format v1 (SPEC §1) for image ranks
+and video ranks.
 
-Every (role, role_rank, loader worker) owns one *stream*: an endless sequence of shard draws,
-draw d picking shard `Random(f"{seed}/{role}/{generation}/{stream}/{d}")`, i.e. shards are
-resampled with replacement from deterministic seeds, so uneven shard counts never leave a rank
-without data (no end-of-epoch hangs) and a stream's position is just (draw, offset into the
-shard). webdataset parses the tars; fsspec opens them (local paths, s3://, gs://, ...).
+Every (role, role_rank, loader worker) owns one *stream*: an endless sequence of shard draws.
+Draws go through the shards epoch by epoch, each epoch a permutation seeded by
+`(seed, role, generation, stream, epoch)`: every sample is seen once per epoch whatever its
+shard's size (uniform over samples), and no rank ever runs dry (no end-of-epoch hangs).
 
-Workers hand out batches round-robin; each batch carries its stream's position after it, so the
-main process knows exactly what was consumed: `state_dict()` is that, and `load_state_dict()`
-restarts every stream at its position and rotates workers so the round-robin continues.
+A stream keeps `data.shuffle_shards` (K) shards open in *slots* and takes each sample from a
+slot picked by a seeded RNG, never the slot of the previous sample, so consecutive samples
+come from different shards. An optional shuffle buffer (`data.shuffle_buffer`) mixes further.
+Every choice is a function of counters, so a stream's position is a small JSON object (draw
+counter, pick counter, per-slot draw and offset, buffer entries as (draw, sample index)) and
+`load_state_dict()` rebuilds the exact state, buffer contents included, by re-reading them.
+
+Every sample is checked against `dataset.json` (`core.shards.check_sample`) before it joins
+a batch; a bad one is skipped and counted by reason, so nothing a shard holds can stop the
+stream. Workers hand out batches round-robin; each batch carries its stream's position after
+it, so the main process knows exactly what was consumed.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
-import webdataset as wds
+import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from core.shard_format import FORMAT_VERSION, decode_members
+from core.shards import BAD_REASONS, BadSample, check_sample
+from training.config import DataConfig
 from training.roles import IMAGE, RankRole
+from training.sources import DataError, ReadOptions, ShardReader, ShardSource, list_shards
 
 log = logging.getLogger(__name__)
 
-# A stream that draws this many shards in a row without one good sample gives up (all shards bad).
+# A stream that closes this many shards in a row without one good sample gives up (all bad).
 MAX_BAD_DRAWS = 64
+BAD_KEYS = (*BAD_REASONS, "bad_shard")  # the keys of `bad_by_reason`
+STATE_VERSION = 2  # positions of another layout (or another K / buffer size) are re-derived
 
 
-class DataError(ValueError):
-    """The data root cannot feed this job; the message names the path and what to do."""
+def fresh_position(generation: int, slots: int) -> dict[str, Any]:
+    return {
+        "version": STATE_VERSION,
+        "generation": generation,  # bumped when streams are re-derived (e.g. new world size)
+        "draws": slots,  # next draw index; draws 0..K-1 fill the slots
+        "picks": 0,
+        "last": -1,  # slot of the previous sample
+        "barren": 0,  # shards closed in a row without a good sample
+        "emitted": 0,  # shuffle-buffer replacements so far
+        "slots": [[k, 0, False] for k in range(slots)],  # [draw, samples read, any good]
+        "buffer": [],  # [draw, sample index] of the buffered samples, in buffer order
+    }
 
 
-def list_shards(root: str, role: str, storage: dict[str, Any] | None = None) -> list[str]:
-    """Complete shards of `ROOT/{role}s/`: a tar counts only once its `.json` marker exists."""
-    fs, base = fsspec.core.url_to_fs(root, **(storage or {}))
-    folder = f"{base.rstrip('/')}/{role}s"
-    if not fs.isdir(folder):
-        raise DataError(
-            f"data root {root} has no {role}s/ folder, but this job has {role} ranks; point --data at a "
-            f"preprocessing output root (SPEC §1) or change roles.image_ratio / roles.image_ranks"
-        )
-    names = set(fs.ls(folder, detail=False))
-    tars = sorted(p for p in names if p.endswith(".tar") and p[: -len(".tar")] + ".json" in names)
-    if not tars:
-        raise DataError(
-            f"{root}/{role}s/ holds no complete shard (NNNNNN.tar with its NNNNNN.json); rerun prep"
-        )
-    return [fs.unstrip_protocol(p) for p in tars]
-
-
-def read_shard(url: str, storage: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-    """Raw webdataset samples (bytes per member) of one shard, opened through fsspec."""
-    with fsspec.open(url, "rb", **(storage or {})) as stream:
-        files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
-        yield from wds.tariterators.group_by_keys(files)
-
-
-def check_format(url: str, storage: dict[str, Any] | None = None) -> None:
-    """Fail before the first step on shards of another format version."""
-    for raw in read_shard(url, storage):
-        try:
-            decode_members(raw)
-        except ValueError as err:
-            raise DataError(f"{url}: {err}") from None
-        return
-    raise DataError(f"{url}: shard holds no sample; rerun prep for it")
-
-
-@dataclass
-class StreamPos:
-    generation: int = 0  # bumped when streams are re-derived (e.g. new world size)
-    draw: int = 0
-    offset: int = 0  # samples of the current draw already consumed
-
-
-def to_example(sample: dict[str, Any], role: str, frames: int) -> dict[str, Any]:
-    """One decoded sample -> tensors the model takes; raises ValueError with a reason."""
-    latents = sample.get("latents")
-    if latents is None:
-        raise ValueError("missing_latents")
-    lat = torch.from_numpy(np.asarray(latents, dtype=np.float32))
-    out: dict[str, Any] = {"caption": sample.get("txt", "")}
+def to_example(sample: dict[str, Any], role: str) -> dict[str, Any]:
+    """One checked sample -> tensors the model takes."""
+    lat = torch.from_numpy(sample["latents"].astype(np.float32))
+    out: dict[str, Any] = {"caption": sample["caption"]}
     if role == IMAGE:
-        if lat.ndim != 3 or lat.shape[0] != 4:
-            raise ValueError("bad_shape")
         out["latents"] = lat.unsqueeze(1)  # [4,1,h,w]: the spatial-only pass has F=1
     else:
-        motion, appearance = sample.get("motion"), sample.get("appearance")
-        if lat.ndim != 4 or lat.shape[0] != frames or lat.shape[1] != 4:
-            raise ValueError("bad_shape")
-        if motion is None or appearance is None:
-            raise ValueError("missing_guidance")
         out["latents"] = lat.permute(1, 0, 2, 3).contiguous()  # [4,F,h,w]
-        out["motion"] = torch.from_numpy(np.asarray(motion, dtype=np.float32)).reshape(frames - 1)
-        out["appearance"] = torch.from_numpy(np.asarray(appearance, dtype=np.float32)).reshape(frames, frames)
-    text = sample.get("text")
-    out["text"] = None if text is None else torch.from_numpy(np.asarray(text, dtype=np.float32))
+        out["motion"] = torch.from_numpy(sample["motion"])
+        out["appearance"] = torch.from_numpy(sample["appearance"])
+    text = sample["text"]
+    out["text"] = None if text is None else torch.from_numpy(text.astype(np.float32))
     return out
 
 
@@ -120,85 +87,183 @@ def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+class _Stream:
+    """One stream's state machine (runs inside a loader worker)."""
+
+    def __init__(self, owner: _Streams, stream: int, pos: dict[str, Any]):
+        self.o, self.stream, self.pos = owner, stream, copy.deepcopy(pos)
+        self.readers: dict[int, ShardReader] = {}
+        self.bad: Counter = Counter()
+        self.events: Counter = Counter()
+        self._perm: tuple[int, list[int]] = (-1, [])
+
+    def _rng(self, what: str, n: int) -> random.Random:
+        o = self.o
+        return random.Random(f"{o.seed}/{o.role.role}/{self.pos['generation']}/{self.stream}/{what}/{n}")
+
+    def url_for(self, draw: int) -> str:
+        epoch, i = divmod(draw, len(self.o.drawable))
+        if self._perm[0] != epoch:
+            order = list(self.o.drawable)
+            self._rng("epoch", epoch).shuffle(order)
+            self._perm = (epoch, order)
+        return self.o.source.urls[self._perm[1][i]]
+
+    def _refill(self, k: int) -> None:
+        pos, slot = self.pos, self.pos["slots"][k]
+        reader = self.readers.pop(k, None)
+        if reader is not None:
+            reader.close()
+        pos["barren"] = 0 if slot[2] else pos["barren"] + 1
+        if pos["barren"] >= MAX_BAD_DRAWS:
+            raise DataError(
+                f"{MAX_BAD_DRAWS} shards in a row gave no valid sample (last: {self.url_for(slot[0])}); "
+                f"skipped so far by reason: {dict(self.bad)}"
+            )
+        pos["slots"][k] = [pos["draws"], 0, False]
+        pos["draws"] += 1
+
+    def _raw_from(self, k: int):
+        """Next raw sample of slot k, refilling the slot from the next draw at a shard's end."""
+        while True:
+            slot = self.pos["slots"][k]
+            url = self.url_for(slot[0])
+            reader = self.readers.get(k)
+            if reader is None:
+                reader = self.readers[k] = ShardReader(url, slot[1], self.o.read, self.events)
+            try:
+                raw = reader.next()
+            except Exception as err:  # noqa: BLE001 - unreadable or corrupt shard: skip, count
+                log.warning("skipping unreadable shard %s: %s", url, err)
+                self.bad["bad_shard"] += 1
+                self._refill(k)
+                continue
+            if raw is None:
+                self._refill(k)
+                continue
+            slot[1] = reader.offset
+            return raw, slot
+
+    def _check(self, raw) -> dict[str, Any] | None:
+        try:
+            return to_example(check_sample(raw, self.o.source.spec), self.o.role.role)
+        except BadSample as err:
+            self.bad[err.reason] += 1
+            log.info("skipping sample: %s", err)
+        except Exception as err:  # noqa: BLE001 - nothing a sample holds may stop the stream
+            self.bad["internal_error"] += 1
+            log.info("skipping sample %s: %r", raw.key, err)
+        return None
+
+    def pick(self) -> int:
+        pos, n = self.pos, self.pos["picks"]
+        choices = [k for k in range(len(pos["slots"])) if k != pos["last"]] or [0]
+        k = choices[self._rng("pick", n).randrange(len(choices))]
+        pos["picks"], pos["last"] = n + 1, k
+        return k
+
+    def rebuild_buffer(self) -> list[tuple[dict[str, Any], str]]:
+        """Re-read the buffered samples named in the position (their shards are deterministic)."""
+        out = []
+        for draw, index in self.pos["buffer"]:
+            url = self.url_for(draw)
+            reader = ShardReader(url, index, self.o.read)
+            raw = reader.next()
+            reader.close()
+            example = None if raw is None else self._check(raw)
+            if example is None:
+                raise DataError(f"cannot rebuild the shuffle buffer: {url} sample {index} is gone or changed")
+            out.append((example, url))
+        self.bad.clear()
+        return out
+
+    def samples(self):
+        """Endless (example, shard url) in stream order."""
+        buffer = self.rebuild_buffer()
+        size = self.o.buffer_size
+        while True:
+            k = self.pick()
+            raw, slot = self._raw_from(k)
+            example = self._check(raw)
+            if example is None:
+                continue
+            slot[2] = True
+            item, ident = (example, self.url_for(slot[0])), [slot[0], raw.index]
+            if size == 0:
+                yield item
+                continue
+            if len(buffer) < size:
+                buffer.append(item)
+                self.pos["buffer"].append(ident)
+                continue
+            i = self._rng("buffer", self.pos["emitted"]).randrange(size)
+            self.pos["emitted"] += 1
+            out, buffer[i], self.pos["buffer"][i] = buffer[i], item, ident
+            yield out
+
+
 class _Streams(IterableDataset):
     """Runs inside each loader worker: one stream per worker, batches of `micro_batch`."""
 
-    def __init__(
-        self,
-        urls: list[str],
-        role: RankRole,
-        frames: int,
-        seed: int,
-        num_workers: int,
-        positions: dict[int, StreamPos],
-        rotation: int,
-        storage: dict[str, Any],
-    ):
-        self.urls, self.role, self.frames, self.seed, self.storage = urls, role, frames, seed, storage
-        self.num_workers, self.positions, self.rotation = max(1, num_workers), positions, rotation
-
-    def shard_for(self, stream: int, pos: StreamPos) -> str:
-        rng = random.Random(f"{self.seed}/{self.role.role}/{pos.generation}/{stream}/{pos.draw}")
-        return self.urls[rng.randrange(len(self.urls))]
+    def __init__(self, loader: RoleLoader, positions: dict[int, dict[str, Any]], rotation: int):
+        self.source, self.role, self.seed = loader.source, loader.role, loader.cfg.seed
+        self.num_workers, self.positions, self.rotation = max(1, loader.num_workers), positions, rotation
+        self.buffer_size, self.read = loader.cfg.shuffle_buffer, loader.read
+        self.drawable = [i for i, n in enumerate(self.source.sizes) if n > 0]
+        if not self.drawable:
+            raise DataError(
+                f"every {self.role.role} shard has an ok count of 0 (first: {self.source.urls[0]})"
+            )
 
     def __iter__(self):
         info = get_worker_info()
         worker = ((info.id if info else 0) + self.rotation) % self.num_workers
-        stream = self.role.role_rank * self.num_workers + worker
-        pos = StreamPos(**vars(self.positions[worker]))
-        examples, sources, bad, bad_draws = [], [], Counter(), 0
-        while True:
-            url, good = self.shard_for(stream, pos), False
-            try:
-                for i, raw in enumerate(read_shard(url, self.storage)):
-                    if i < pos.offset:
-                        continue
-                    pos.offset = i + 1
-                    try:
-                        examples.append(to_example(decode_members(raw), self.role.role, self.frames))
-                        sources.append(url)  # named when the loss of this batch is not finite
-                        good = True
-                    except ValueError as err:
-                        reason = str(err) if str(err).isidentifier() else "decode_error"
-                        bad[reason] += 1
-                        continue
-                    if len(examples) == self.role.micro_batch:
-                        yield {
-                            **collate(examples),
-                            "worker": worker,
-                            "pos": vars(pos).copy(),
-                            "bad": dict(bad),
-                            "shards": sources,
-                        }
-                        examples, sources, bad = [], [], Counter()
-            except Exception as err:  # unreadable or corrupt shard: skip it, count it, go on
-                log.warning("skipping unreadable shard %s: %s", url, err)
-                bad["bad_shard"] += 1
-            bad_draws = 0 if good else bad_draws + 1
-            if bad_draws >= MAX_BAD_DRAWS:
-                raise DataError(f"{MAX_BAD_DRAWS} shard draws in a row gave no readable sample (last: {url})")
-            pos.draw, pos.offset = pos.draw + 1, 0
+        stream = _Stream(self, self.role.role_rank * self.num_workers + worker, self.positions[worker])
+        examples, shards = [], []
+        for example, url in stream.samples():
+            examples.append(example)
+            shards.append(url)
+            if len(examples) < self.role.micro_batch:
+                continue
+            # Collate outside any handler: every example was checked to the exact same shapes.
+            batch = collate(examples)
+            examples, batch["shards"] = [], shards
+            shards = []
+            events, bad = dict(stream.events), dict(stream.bad)
+            stream.events.clear(), stream.bad.clear()
+            pos = {
+                **stream.pos,
+                "slots": [list(s) for s in stream.pos["slots"]],
+                "buffer": [list(b) for b in stream.pos["buffer"]],
+            }
+            yield {**batch, "worker": worker, "pos": pos, "bad": bad, "events": events}
 
 
 class RoleLoader:
     """The batches of one rank (image or video role), resumable to the exact sample."""
 
-    def __init__(
-        self,
-        urls: list[str],
-        role: RankRole,
-        frames: int,
-        seed: int,
-        num_workers: int,
-        prefetch_factor: int = 2,
-        storage: dict[str, Any] | None = None,
-    ):
-        self.urls, self.role, self.frames, self.seed, self.storage = urls, role, frames, seed, storage or {}
-        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
-        self.positions = {w: StreamPos() for w in range(max(1, num_workers))}
+    def __init__(self, source: ShardSource, role: RankRole, cfg: DataConfig | None = None):
+        self.source, self.role, self.cfg = source, role, cfg or DataConfig()
+        if source.spec.kind != role.role:
+            raise ValueError(f"a {role.role} rank cannot read {source.spec.kind} shards")
+        self.num_workers = self.cfg.num_workers
+        self.read = ReadOptions(
+            dict(self.cfg.storage_options),
+            self.cfg.max_member_bytes,
+            self.cfg.read_retries,
+            self.cfg.retry_backoff_s,
+        )
+        self.positions = self._fresh(0)
         self.batches = 0  # batches handed to the trainer so far
-        self.bad: Counter = Counter()  # skipped samples/shards by reason (consumed batches only)
+        self.bad: Counter = Counter()  # skipped samples / shards by reason (consumed batches only)
+        self.events: Counter = Counter()  # read retries, unknown members skipped unread
         self._iter = None
+        self._reported = 0
+
+    def _fresh(self, generation: int) -> dict[int, dict[str, Any]]:
+        return {
+            w: fresh_position(generation, self.cfg.shuffle_shards) for w in range(max(1, self.num_workers))
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -206,38 +271,44 @@ class RoleLoader:
             "role_rank": self.role.role_rank,
             "role_size": self.role.role_size,
             "num_workers": self.num_workers,
-            "seed": self.seed,
+            "seed": self.cfg.seed,
+            "shuffle": [self.cfg.shuffle_shards, self.cfg.shuffle_buffer],
             "batches": self.batches,
-            "positions": {str(w): vars(p).copy() for w, p in self.positions.items()},
+            "positions": {str(w): p for w, p in self.positions.items()},
             "bad": dict(self.bad),
+            "events": dict(self.events),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.batches = int(state["batches"])
-        self.positions = {int(w): StreamPos(**p) for w, p in state["positions"].items()}
-        self.bad = Counter(state.get("bad", {}))
+        self.bad, self.events = Counter(state.get("bad", {})), Counter(state.get("events", {}))
+        positions = {int(w): p for w, p in state["positions"].items()}
+        same = state.get("shuffle") == [self.cfg.shuffle_shards, self.cfg.shuffle_buffer] and all(
+            p.get("version") == STATE_VERSION for p in positions.values()
+        )
+        if same and len(positions) == len(self.positions):
+            self.batches, self.positions = int(state["batches"]), positions
+        else:
+            generation = 1 + max(int(p.get("generation", 0)) for p in positions.values())
+            print(
+                f"[data] {self.role.role} rank {self.role.role_rank}: saved loader state has another "
+                f"layout (shuffle settings or workers changed): streams re-derived",
+                flush=True,
+            )
+            self.reseed(generation)
         self._iter = None
 
     def reseed(self, generation: int) -> None:
         """Fresh deterministic streams (a new world size cannot continue the old positions)."""
-        self.positions = {w: StreamPos(generation=generation) for w in self.positions}
+        self.positions = self._fresh(generation)
         self.batches = 0
         self._iter = None
 
     def _make_iter(self):
-        rotation = self.batches % max(1, self.num_workers)
-        dataset = _Streams(
-            self.urls,
-            self.role,
-            self.frames,
-            self.seed,
-            self.num_workers,
-            self.positions,
-            rotation,
-            self.storage,
-        )
+        dataset = _Streams(self, self.positions, self.batches % max(1, self.num_workers))
         kwargs = (
-            {"prefetch_factor": self.prefetch_factor, "persistent_workers": False} if self.num_workers else {}
+            {"prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": False}
+            if self.num_workers
+            else {}
         )
         return iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers, **kwargs))
 
@@ -245,9 +316,18 @@ class RoleLoader:
         if self._iter is None:
             self._iter = self._make_iter()
         batch = next(self._iter)
-        self.positions[batch.pop("worker")] = StreamPos(**batch.pop("pos"))
-        self.bad.update(batch.pop("bad"))
+        self.positions[batch.pop("worker")] = batch.pop("pos")
+        bad = batch.pop("bad")
+        self.bad.update(bad)
+        self.events.update(batch.pop("events"))
         self.batches += 1
+        if bad and (self._reported < 20 or self.batches % 100 == 0):
+            self._reported += 1
+            print(
+                f"[data] {self.role.role} rank {self.role.role_rank}: skipped {bad} in batch {self.batches} "
+                f"(total by reason {dict(self.bad)})",
+                flush=True,
+            )
         return batch
 
     def __iter__(self):
@@ -257,4 +337,12 @@ class RoleLoader:
         self._iter = None
 
 
-__all__ = ["DataError", "FORMAT_VERSION", "RoleLoader", "check_format", "list_shards", "read_shard"]
+def reduce_bad(bad: Counter, device: torch.device) -> dict[str, int]:
+    """Skipped samples/shards by reason, summed over ranks (one small all_reduce)."""
+    t = torch.tensor([float(bad.get(k, 0)) for k in BAD_KEYS], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return {k: int(v) for k, v in zip(BAD_KEYS, t.tolist()) if v}
+
+
+__all__ = ["DataError", "RoleLoader", "ShardSource", "list_shards", "reduce_bad"]

@@ -22,7 +22,7 @@ from model.unet import middle_frame_prior
 from training import checkpoint as ckpt_lib
 from training import setup
 from training.config import TrainConfig
-from training.data import RoleLoader
+from training.data import RoleLoader, reduce_bad
 from training.guard import NonFiniteGuard
 from training.metrics import MetricsLog, count_train_flops, peak_flops, reduce_step
 from training.optim import (
@@ -109,15 +109,7 @@ class Trainer:
         )
         self.ema = EMA(self.engine.module, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
         self.generator = torch.Generator().manual_seed(rank_seed(cfg.data.seed, self.rank))
-        self.loader = RoleLoader(
-            self.plan.shards[self.role.role],
-            self.role,
-            self.plan.frames,
-            cfg.data.seed,
-            cfg.data.num_workers,
-            cfg.data.prefetch_factor,
-            cfg.data.storage_options,
-        )
+        self.loader = RoleLoader(self.plan.sources[self.role.role], self.role, cfg.data)
         self.guard = NonFiniteGuard(cfg.train.max_skipped_steps, self.rank, self.world, self.log)
         self.checkpoints = self._registry()
         if self.resume.path is not None:
@@ -233,6 +225,7 @@ class Trainer:
         skipped = self.guard.after_step(self.step, red, math.isfinite(loss), shards)
         if self.ema is not None and not skipped:
             self.ema.update(self.engine.module)
+        bad_by_reason = reduce_bad(self.loader.bad, self.device)
         norm = self.engine.get_global_grad_norm()
         total = red["samples_image"] + red["samples_video"]
         record = {
@@ -247,7 +240,9 @@ class Trainer:
             "samples_per_s_video": red["samples_video"] / red["step_time"],
             "data_wait_fraction": red["data_wait_fraction"],
             "step_time": red["step_time"],
-            "bad_samples": red["bad"],
+            "bad_samples": sum(n for k, n in bad_by_reason.items() if k != "bad_shard"),
+            "bad_shards": bad_by_reason.get("bad_shard", 0),
+            "bad_by_reason": bad_by_reason,
             "skipped": int(skipped),
             "skipped_steps": self.guard.total,
         }

@@ -13,10 +13,11 @@ import torch
 import torch.distributed as dist
 
 from core.config import ConfigError
+from core.shards import BadSample, check_sample, load_npy
 from training import checkpoint as ckpt_lib
 from training.config import TrainConfig
-from training.data import DataError, check_format, list_shards, read_shard
-from training.roles import IMAGE, VIDEO, RankRole, assign_role, roles_needed
+from training.roles import VIDEO, RankRole, assign_role, roles_needed
+from training.sources import DataError, ReadOptions, ShardSource, first_sample, load_source, read_dataset_json
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -45,36 +46,94 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 @dataclass
 class DataPlan:
-    shards: dict[str, list[str]]  # role -> complete shard URLs
+    sources: dict[str, ShardSource]  # role -> shards, sample counts, sample spec
     frames: int  # F of the video shards (0 when no video ranks)
+    dataset: dict[str, Any]  # the data root's dataset.json
+
+    @property
+    def shards(self) -> dict[str, list[str]]:
+        return {role: src.urls for role, src in self.sources.items()}
+
+
+def _disagree(field_prep: str, prep: Any, field_train: str, train: Any, fix: str) -> DataError:
+    return DataError(
+        f"dataset.json says {field_prep}={prep!r} (prep) but the training config has "
+        f"{field_train}={train!r}; {fix}"
+    )
+
+
+def check_dataset(cfg: TrainConfig, dataset: dict[str, Any], roles: set[str]) -> None:
+    """Facts stated on both sides (prep config in dataset.json, training config) must agree."""
+    out = dataset.get("output_config") or {}
+    models = out.get("models") or {}
+    if models.get("vae") not in (None, cfg.model.vae):
+        raise _disagree(
+            "models.vae",
+            models["vae"],
+            "model.vae",
+            cfg.model.vae,
+            f"the latents live in that VAE's space: set model.vae={models['vae']}",
+        )
+    prep_text = models.get("text")
+    if prep_text is not None and cfg.model.text is not None and prep_text != cfg.model.text:
+        raise _disagree(
+            "models.text",
+            prep_text,
+            "model.text",
+            cfg.model.text,
+            "precomputed tokens and encoded captions must come from one text encoder: "
+            f"set model.text={prep_text}",
+        )
+    frames = (out.get("video") or {}).get("frames")
+    if VIDEO in roles and isinstance(frames, int) and frames > cfg.unet.frames:
+        raise _disagree(
+            "video.frames",
+            frames,
+            "unet.frames",
+            cfg.unet.frames,
+            f"set unet.frames={frames}, or re-run prep with video.frames={cfg.unet.frames}",
+        )
 
 
 def plan_data(cfg: TrainConfig, root: str, world_size: int) -> DataPlan:
-    """List and check the shards of every role the job needs (every rank checks all roles, so
-    a bad data root stops all ranks before any collective)."""
-    shards, frames, storage = {}, 0, cfg.data.storage_options
-    for role in sorted(roles_needed(cfg.roles, world_size)):
-        shards[role] = list_shards(root, role, storage)
-        check_format(shards[role][0], storage)
-    if VIDEO in shards:
-        from core.shard_format import decode_members
-
-        first = decode_members(next(iter(read_shard(shards[VIDEO][0], storage))))
-        frames = int(first["latents"].shape[0])
-        if frames > cfg.unet.frames:
+    """Read dataset.json, check it against the config, list the shards of every role the job
+    needs and check one sample of each (every rank checks all roles, so a bad data root stops
+    all ranks before any collective)."""
+    storage = cfg.data.storage_options
+    roles = roles_needed(cfg.roles, world_size)
+    dataset = read_dataset_json(root, storage)
+    check_dataset(cfg, dataset, roles)
+    sources = {}
+    read = ReadOptions(
+        dict(storage), cfg.data.max_member_bytes, cfg.data.read_retries, cfg.data.retry_backoff_s
+    )
+    for role in sorted(roles):
+        src = sources[role] = load_source(root, role, storage, cfg.unet.context_dim, dataset)
+        url = src.urls[0]
+        raw = first_sample(url, read)
+        if raw is None:
+            raise DataError(f"{url}: shard holds no sample; rerun prep for it")
+        if "text.npy" in raw.members:
+            width = load_npy(raw.members["text.npy"]).shape[-1]
+            if width != cfg.unet.context_dim:
+                raise _disagree(
+                    "models.text",
+                    (dataset.get("output_config") or {}).get("models", {}).get("text"),
+                    "unet.context_dim",
+                    cfg.unet.context_dim,
+                    f"{url} holds {width}-wide text tokens: set unet.context_dim={width} "
+                    f"(with a matching model.text), or re-run prep with a "
+                    f"{cfg.unet.context_dim}-wide models.text",
+                )
+        try:
+            check_sample(raw, src.spec)
+        except BadSample as err:
             raise DataError(
-                f"{shards[VIDEO][0]}: clips have {frames} frames but unet.frames={cfg.unet.frames}; "
-                f"set unet.frames={frames} or re-run prep with video.frames={cfg.unet.frames}"
-            )
-    if IMAGE in shards:
-        from core.shard_format import decode_members
-
-        first = decode_members(next(iter(read_shard(shards[IMAGE][0], storage))))
-        if first["latents"].ndim != 3:
-            raise DataError(
-                f"{shards[IMAGE][0]}: image latents must be [4,h,w], got {first['latents'].shape}"
-            )
-    return DataPlan(shards, frames)
+                f"{url}: first sample fails the checks against dataset.json ({err}); "
+                f"the shards and dataset.json disagree: rerun prep"
+            ) from None
+    frames = sources[VIDEO].spec.frames if VIDEO in sources else 0
+    return DataPlan(sources, frames, dataset)
 
 
 def check_text_width(width: int, cfg: TrainConfig) -> None:

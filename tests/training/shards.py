@@ -9,9 +9,30 @@ from pathlib import Path
 
 import numpy as np
 
-from core.shard_format import SampleRecord, sample_key, shard_name
+from core.shards import FORMAT_VERSION, SampleRecord, sample_key, shard_name
 
 FRAMES, H, W = 8, 8, 16  # tiny latents: F=8 at 128x64
+
+
+def dataset_json(
+    frames: int = FRAMES, h: int = H, w: int = W, vae: str = "tiny", text: str | None = "tiny"
+) -> dict:
+    """The parts of prep's dataset.json that training reads (pipeline.runner.Finalize)."""
+    size = {"width": w * 8, "height": h * 8}
+    return {
+        "format_version": FORMAT_VERSION,
+        "output_config": {
+            "video": {"frames": frames, **size},
+            "image": dict(size),
+            "models": {"vae": vae, "text": text},
+            "format_version": FORMAT_VERSION,
+        },
+    }
+
+
+def write_dataset_json(root: Path, **kw) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset.json").write_text(json.dumps(dataset_json(**kw)))
 
 
 def record(kind: str, index: int, rng: np.random.Generator, text: bool = False, version: int | None = None):
@@ -65,6 +86,7 @@ def make_dataset(
 ) -> Path:
     """`root/videos/00000N.tar|.json`, `root/images/...`; every `text_every`-th sample has text tokens."""
     rng = np.random.default_rng(seed)
+    write_dataset_json(root)
     counts = {"video": video_shards, "image": image_shards}
     for kind in kinds:
         folder = root / f"{kind}s"

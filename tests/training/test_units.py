@@ -12,15 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from shards import make_dataset, record, write_shard
+from shards import make_dataset, record, write_dataset_json, write_shard
 from trainlib import REPO, TINY, env
 
 from core.config import ConfigError, load_config
 from training import checkpoint as ckpt
-from training.config import RolesConfig, TrainConfig
-from training.data import DataError, RoleLoader, check_format, list_shards
+from training.config import DataConfig, RolesConfig, TrainConfig
+from training.data import RoleLoader
 from training.roles import assign_role, image_rank_ids, roles_needed
 from training.setup import plan_data
+from training.sources import DataError, list_shards, load_source
 
 
 def test_roles_default_is_released_code_rank_mod_4():
@@ -56,30 +57,32 @@ def batches(loader: RoleLoader, n: int) -> list[torch.Tensor]:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_loader_resumes_exactly_and_splits_by_rank(tmp_path, workers):
     data = make_dataset(tmp_path, video_shards=3, per_shard=5)
-    urls = list_shards(str(data), "video")
+    src = load_source(str(data), "video", text_dim=64)
     role = assign_role(RolesConfig(video_micro_batch=2), 0, 4)
-    first = RoleLoader(urls, role, 8, seed=3, num_workers=workers)
+    cfg = DataConfig(seed=3, num_workers=workers, shuffle_shards=3)
+    first = RoleLoader(src, role, cfg)
     head = batches(first, 5)  # crosses shard boundaries (5 samples per shard, 2 per batch)
     state = json.loads(json.dumps(first.state_dict()))  # survives a JSON round trip
     tail = batches(first, 6)
-    again = RoleLoader(urls, role, 8, seed=3, num_workers=workers)
+    again = RoleLoader(src, role, cfg)
     assert all(torch.equal(a, b) for a, b in zip(head, batches(again, 5)))  # deterministic
-    resumed = RoleLoader(urls, role, 8, seed=3, num_workers=workers)
+    resumed = RoleLoader(src, role, cfg)
     resumed.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(tail, batches(resumed, 6)))
-    other = RoleLoader(
-        urls, assign_role(RolesConfig(video_micro_batch=2), 1, 4), 8, seed=3, num_workers=workers
-    )
+    other = RoleLoader(src, assign_role(RolesConfig(video_micro_batch=2), 1, 4), cfg)
     assert not all(torch.equal(a, b) for a, b in zip(head, batches(other, 5)))  # another rank, other data
 
 
 def test_video_batch_carries_prior_motion_appearance(tmp_path):
-    urls = list_shards(str(make_dataset(tmp_path, per_shard=4)), "video")
-    batch = next(RoleLoader(urls, assign_role(RolesConfig(video_micro_batch=3), 0, 1), 8, 0, 0))
+    src = load_source(str(make_dataset(tmp_path, per_shard=4)), "video", text_dim=64)
+    sequential = DataConfig(num_workers=0, shuffle_shards=1)  # one open shard: file order
+    batch = next(RoleLoader(src, assign_role(RolesConfig(video_micro_batch=3), 0, 1), sequential))
     assert batch["latents"].shape == (3, 4, 8, 8, 16)
     assert batch["motion"].shape == (3, 7) and batch["appearance"].shape == (3, 8, 8)
     assert batch["has_text"].tolist() == [True, False, True]  # text tokens on every 2nd sample
-    image = next(RoleLoader(list_shards(str(tmp_path), "image"), assign_role(RolesConfig(), 3, 4), 8, 0, 0))
+    assert batch["text"][1].abs().sum() == 0 and batch["text"][0].abs().sum() > 0
+    images = load_source(str(tmp_path), "image", text_dim=64)
+    image = next(RoleLoader(images, assign_role(RolesConfig(), 3, 4), DataConfig(num_workers=0)))
     assert image["latents"].shape == (64, 4, 1, 8, 16)  # 12 images resampled into a batch of 64
 
 
@@ -88,11 +91,13 @@ def test_corrupt_shard_is_skipped_and_counted(tmp_path):
     bad = data / "videos" / "000001.tar"
     bad.write_bytes(bad.read_bytes()[:3000] + b"garbage" * 100)  # truncated mid-member
     (data / "videos" / "000002.tar").write_bytes(b"not a tar at all")
-    (data / "videos" / "000002.json").write_text("{}")
-    urls = list_shards(str(data), "video")
-    loader = RoleLoader(urls, assign_role(RolesConfig(video_micro_batch=2), 0, 1), 8, seed=1, num_workers=0)
+    (data / "videos" / "000002.json").write_text('{"ok": 4}')
+    src = load_source(str(data), "video", text_dim=64)
+    loader = RoleLoader(
+        src, assign_role(RolesConfig(video_micro_batch=2), 0, 1), DataConfig(seed=1, num_workers=0)
+    )
     got = batches(loader, 12)
-    assert len(got) == 12
+    assert all(b.shape == (2, 4, 8, 8, 16) for b in got)
     assert loader.bad["bad_shard"] > 0
 
 
@@ -103,15 +108,14 @@ def test_bad_sample_counted_with_reason(tmp_path):
     samples = [record("video", i, rng) for i in range(4)]
     samples[1] = [(n, b) for n, b in samples[1] if not n.endswith("motion.npy")]
     write_shard(folder / "000000.tar", samples)
+    write_dataset_json(tmp_path)
     loader = RoleLoader(
-        list_shards(str(tmp_path), "video"),
+        load_source(str(tmp_path), "video"),
         assign_role(RolesConfig(video_micro_batch=3), 0, 1),
-        8,
-        seed=0,
-        num_workers=0,
+        DataConfig(num_workers=0, shuffle_shards=1),
     )
     next(loader)
-    assert loader.bad["missing_guidance"] == 1
+    assert loader.bad == {"missing_member": 1}
 
 
 def test_bad_inputs_fail_before_training(tmp_path):
@@ -122,12 +126,51 @@ def test_bad_inputs_fail_before_training(tmp_path):
     assert plan_data(cfg, str(videos_only), world_size=2).frames == 8  # no image ranks: fine
     old = make_dataset(tmp_path / "b", version=99)
     with pytest.raises(DataError, match="format_version 99"):
-        check_format(list_shards(str(old), "video")[0])
+        plan_data(cfg, str(old), world_size=2)
     empty = tmp_path / "c" / "videos"
     empty.mkdir(parents=True)
     (empty / "000000.tar").write_bytes(b"")  # no .json commit marker: not a complete shard
     with pytest.raises(DataError, match="no complete shard"):
         list_shards(str(tmp_path / "c"), "video")
+
+
+def test_dataset_json_disagreeing_with_the_config_stops_before_training(tmp_path):
+    """Each message names the field on both sides and the flag to change."""
+    cfg = load_config(TrainConfig, TINY)
+    data = make_dataset(tmp_path / "d", kinds=("video",))
+    assert plan_data(cfg, str(data), world_size=1).frames == 8
+
+    def fails(override: dict, *train: str) -> str:
+        doc = json.loads((data / "dataset.json").read_text())
+        for dotted, value in override.items():
+            *path, last = dotted.split(".")
+            node = doc
+            for p in path:
+                node = node[p]
+            node[last] = value
+        root = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(data, root)
+        (root / "dataset.json").write_text(json.dumps(doc))
+        with pytest.raises(DataError) as err:
+            plan_data(load_config(TrainConfig, TINY, list(train)), str(root), world_size=1)
+        return str(err.value)
+
+    msg = fails({"output_config.video.frames": 16})
+    assert "video.frames=16" in msg and "unet.frames=8" in msg and "set unet.frames=16" in msg
+    msg = fails({"output_config.models.vae": "stabilityai/stable-diffusion-2-1"})
+    assert "models.vae='stabilityai/stable-diffusion-2-1'" in msg and "model.vae='tiny'" in msg
+    assert "set model.vae=stabilityai/stable-diffusion-2-1" in msg
+    msg = fails({}, "unet.context_dim=32")  # the shards hold 64-wide text tokens
+    assert "unet.context_dim=32" in msg and "set unet.context_dim=64" in msg
+    msg = fails({}, "model.text=ViT-H-14:laion2b_s32b_b79k")
+    assert "models.text='tiny'" in msg and "model.text='ViT-H-14:laion2b_s32b_b79k'" in msg
+    msg = fails({"output_config.video.width": 256})  # latents would be [8,4,8,32]
+    assert "bad_shape" in msg and "(8, 4, 8, 32)" in msg
+    msg = fails({"format_version": 2})
+    assert "format_version is 2" in msg
+    (data / "dataset.json").unlink()
+    with pytest.raises(DataError, match="no dataset.json"):
+        plan_data(cfg, str(data), world_size=1)
 
 
 def test_cli_reports_bad_input_before_the_first_step(tmp_path, dataset):
@@ -198,21 +241,3 @@ def test_rng_state_round_trips_through_json():
         torch.rand(1).item(),
         torch.rand(1, generator=gen).item(),
     ) == expect
-
-
-def test_s3_shards_stream_like_local_ones(tmp_path, moto_s3):
-    """fsspec/s3fs (moto's S3 server) in forked loader workers: same batches as the local copy."""
-    import s3fs
-
-    opts = moto_s3.options()
-    local = make_dataset(tmp_path, video_shards=2, per_shard=3, kinds=("video",))
-    fs = s3fs.S3FileSystem(**opts)
-    fs.mkdir("bucket")
-    fs.put(str(local / "videos"), "bucket/data/videos", recursive=True)
-    role = assign_role(RolesConfig(video_micro_batch=2), 0, 1)
-    urls = list_shards("s3://bucket/data", "video", opts)
-    assert urls == ["s3://bucket/data/videos/000000.tar", "s3://bucket/data/videos/000001.tar"]
-    remote = RoleLoader(urls, role, 8, seed=0, num_workers=2, storage=opts)
-    here = RoleLoader(list_shards(str(local), "video"), role, 8, seed=0, num_workers=2)
-    assert all(torch.equal(a, b) for a, b in zip(batches(remote, 4), batches(here, 4)))
-

@@ -1,0 +1,144 @@
+"""Shard format v1 (SPEC §1), the writing side: keys, member names and bytes, reason codes.
+
+Change only with a `FORMAT_VERSION` bump. Everything here is plain numpy/json so that stock
+`webdataset` and `ray.data.read_webdataset` read the shards without project code. Reading
+(tar safety limits, per-sample validation) lives next door in `tar.py` and `validate.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = 1
+
+# Stable failure reason codes (the `reason` column of the status parquet).
+REASONS = (
+    "missing_file",
+    "empty_file",
+    "decode_error",
+    "decoder_crash",
+    "timeout",
+    "out_of_memory",
+    "no_video_stream",
+    "too_short",
+    "bad_image",
+    "image_bomb",
+    "bad_caption",
+    "duplicate",
+    "download_error",
+    "encode_error",
+    "internal_error",
+)
+
+STATUS_COLUMNS = ("key", "source", "caption", "status", "reason", "detail")
+
+
+class SampleError(Exception):
+    """One sample failed; `reason` is a stable code from REASONS, `detail` names the file."""
+
+    def __init__(self, reason: str, detail: str):
+        if reason not in REASONS:
+            raise ValueError(f"unknown reason code {reason!r}; add it to shard_format.REASONS")
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def shard_name(index: int) -> str:
+    return f"{index:06d}"
+
+
+def sample_key(source: str, span: tuple[int, int] | None = None) -> str:
+    """Deterministic key: hex digest of the source URI (and clip span). No dots, no slashes."""
+    text = source if span is None else f"{source}#{span[0]}-{span[1]}"
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:24]
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """Read a `.npy` member; pickled object arrays are refused (shards may be hostile).
+
+    The header is checked against the payload before numpy allocates anything: a 100-byte
+    member whose header claims a 10**12-element array must fail, not allocate.
+    """
+    buf = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buf)
+        fmt = np.lib.format
+        read_header = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}
+        shape, _, dtype = read_header[version](buf)
+    except Exception as err:  # noqa: BLE001 - any malformed header is the same bad member
+        raise ValueError(f"not a .npy array ({err})") from None
+    if dtype.hasobject:
+        raise ValueError("object arrays (pickles) are refused")
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if count * dtype.itemsize != len(data) - buf.tell():
+        raise ValueError(f"header says {shape} {dtype} but the member holds {len(data) - buf.tell()} bytes")
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+@dataclass
+class SampleRecord:
+    """One successful sample, ready to become the tar members of SPEC §1."""
+
+    key: str
+    caption: str
+    latents: np.ndarray  # float16 [F,4,h,w] (video) or [4,h,w] (image)
+    meta: dict[str, Any]
+    motion: np.ndarray | None = None  # float32 [F-1]
+    appearance: np.ndarray | None = None  # float32 [F,F]
+    text: np.ndarray | None = None  # float16 [77,D]
+    extra: dict[str, bytes] = field(default_factory=dict)
+
+    def members(self) -> list[tuple[str, bytes]]:
+        """(member name, bytes) in a fixed order: reruns give byte-identical tars."""
+        if "." in self.key or "/" in self.key:
+            raise ValueError(f"sample key {self.key!r} must not contain dots or slashes")
+        meta = dict(self.meta, format_version=FORMAT_VERSION)
+        out = [
+            (f"{self.key}.json", json.dumps(meta, sort_keys=True).encode("utf-8")),
+            (f"{self.key}.latents.npy", npy_bytes(self.latents.astype(np.float16))),
+        ]
+        if self.motion is not None:
+            out.append((f"{self.key}.motion.npy", npy_bytes(self.motion.astype(np.float32))))
+        if self.appearance is not None:
+            out.append((f"{self.key}.appearance.npy", npy_bytes(self.appearance.astype(np.float32))))
+        if self.text is not None:
+            out.append((f"{self.key}.text.npy", npy_bytes(self.text.astype(np.float16))))
+        out.append((f"{self.key}.txt", self.caption.encode("utf-8")))
+        return out
+
+
+def decode_members(sample: dict[str, Any]) -> dict[str, Any]:
+    """Decode a webdataset sample dict (raw bytes per extension) into arrays and strings.
+
+    Raises ValueError naming the key on an unknown `format_version`.
+    """
+    out: dict[str, Any] = {"__key__": sample.get("__key__")}
+    for ext, value in sample.items():
+        if ext.startswith("__"):
+            out[ext] = value
+        elif ext.endswith("npy"):
+            out[ext[:-4] if ext.endswith(".npy") else ext] = load_npy(value)
+        elif ext == "txt":
+            out["txt"] = value.decode("utf-8") if isinstance(value, bytes) else value
+        elif ext == "json":
+            out["json"] = json.loads(value) if isinstance(value, (bytes, str)) else value
+    version = out.get("json", {}).get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"sample {out['__key__']}: shard format_version {version!r} is not supported "
+            f"(this code reads version {FORMAT_VERSION}); re-run preprocessing or upgrade"
+        )
+    return out
