@@ -115,7 +115,7 @@ def zero2(data: str, out: Path) -> None:
         tr = trainer(data, out / name, *extra, *more, "train.resume=auto")
         steps(tr, 2 if name in ("b", "lr") else 1)
         if tr.rank == 0:
-            gens = sorted({p.generation for p in tr.loader.positions.values()})
+            gens = sorted({int(p["generation"]) for p in tr.loader.positions.values()})
             state = {"ema": tr.ema.state_dict(), "generations": gens}
             state["lr_groups"] = [g["lr"] for g in tr.engine.optimizer.param_groups]
             torch.save(state, out / f"{name}_state.pt")
