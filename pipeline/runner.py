@@ -215,6 +215,18 @@ class Dispatch:
         stats.seconds = time.perf_counter() - start
 
 
+def _index_row(kind: str, stats: dict[str, Any]) -> dict[str, Any]:
+    return dict(kind=kind, shard=int(stats["shard"]), ok=int(stats["ok"]), failed=int(stats["failed"]),
+                tar_bytes=int(stats.get("tar_bytes") or 0))
+
+
+def _index_schema():
+    import pyarrow as pa
+
+    return pa.schema([("kind", pa.string()), ("shard", pa.int64()), ("ok", pa.int64()),
+                      ("failed", pa.int64()), ("tar_bytes", pa.int64())])
+
+
 class Finalize:
     """Totals over every committed shard (this run's and earlier ones) -> `dataset.json`."""
 
@@ -242,6 +254,7 @@ class Finalize:
 
     def run(self, summary: Summary) -> None:
         model_ids = None
+        index_rows: list[dict[str, Any]] = []
         for kind in KINDS:
             committed = sorted(self.store.committed(kind))
             known = summary.kinds[kind].shard_stats if kind in summary.kinds else {}
@@ -249,8 +262,22 @@ class Finalize:
             shard_stats = {**{int(s["shard"]): s for s in self.store.read_jsons(missing).values()}, **known}
             summary.totals[kind] = KindStats.totals([shard_stats[i] for i in committed if i in shard_stats])
             model_ids = model_ids or next((s.get("model_ids") for s in shard_stats.values()), None)
+            index_rows += [_index_row(kind, shard_stats[i]) for i in committed if i in shard_stats]
+        self.write_index(index_rows)
         self.write_dataset_json(summary.totals, model_ids, complete=summary.complete)
         self.store.clean_tmp()
+
+    def write_index(self, rows: list[dict[str, Any]]) -> None:
+        """`OUT/index.parquet`: one row per committed shard, so readers (training's weighted shard
+        draws, DuckDB, pyarrow) never list folders or open every stats json."""
+        import io
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, schema=_index_schema()), buf)
+        self.store.write_atomic(self.store.path("index.parquet"), buf.getvalue())
 
 
 class PrepJob:

@@ -73,6 +73,12 @@ def test_layout_and_every_row_accounted_for(first_run, synthetic):
     assert dataset["model_ids"]["vae"] == "tiny" and len(dataset["fingerprint"]) == 16
     stats = json.loads((out / "videos" / "000001.json").read_text())
     assert stats["rows"] == 4 and stats["ok"] == 3 and stats["reasons"] == {"decode_error": 1}
+    index = pd.read_parquet(out / "index.parquet")
+    assert index[index.kind == "videos"][["shard", "ok", "failed"]].values.tolist() == [[0, 4, 0], [1, 3, 1],
+                                                                                        [2, 2, 0]]
+    assert index[index.kind == "images"].ok.sum() == 6 and len(index[index.kind == "images"]) == 3
+    tar_sizes = [(out / "videos" / f"00000{i}.tar").stat().st_size for i in range(3)]
+    assert index[index.kind == "videos"].tar_bytes.tolist() == tar_sizes
 
 
 def test_read_back_with_stock_webdataset(first_run):
