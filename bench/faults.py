@@ -125,7 +125,7 @@ def worker_kill(tmp: Path, args: tuple, ref: Path) -> dict:
 
     try:
         fl.wait_for(
-            lambda: (out / "_tmp").exists() and any((out / "_tmp").glob("*.tar.*")) and workers(),
+            lambda: (out / "_tmp").exists() and any((out / "_tmp").glob("*/*.tar.*")) and workers(),
             300,
             proc,
             "a shard in progress",

@@ -42,11 +42,11 @@ class ManifestConfig:
         for name in ("video_column", "image_column", "caption_column"):
             value = getattr(self, name)
             check(
-                isinstance(value, str) and value != "", f"manifest.{name}", "must be a non-empty column name"
+                isinstance(value, str) and value != "", f"{name}", "must be a non-empty column name"
             )
         check(
             isinstance(self.batch_rows, int) and self.batch_rows >= 1,
-            "manifest.batch_rows",
+            "batch_rows",
             f"must be an integer >= 1, got {self.batch_rows!r}",
         )
 
@@ -65,41 +65,48 @@ class ExecutionConfig:
     batches_in_flight: int = 2  # encode batches a shard task keeps queued at the actors
     local_cpus: int = 0  # CPUs of the local cluster started without RAY_ADDRESS; 0 = all
     progress: bool = True  # tqdm bar of shards and samples/s on stderr
+    # A second job on the same output refuses unless the holder's heartbeat is older than this.
+    lease_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         check(
             isinstance(self.workers, int) and self.workers >= 0,
-            "execution.workers",
+            "workers",
             f"must be an integer >= 0 (0 = from the cluster's CPUs), got {self.workers!r}",
         )
         for name in ("cpus_per_worker", "cpus_per_encoder", "gpus_per_encoder"):
             value = getattr(self, name)
             check(
                 isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
-                f"execution.{name}",
+                f"{name}",
                 f"must be a number >= 0, got {value!r}",
             )
         check(
-            self.cpus_per_worker > 0, "execution.cpus_per_worker", "must be > 0 (shard tasks decode on CPU)"
+            self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0 (shard tasks decode on CPU)"
         )
         check(
             self.gpus_per_encoder <= 1 or float(self.gpus_per_encoder).is_integer(),
-            "execution.gpus_per_encoder",
+            "gpus_per_encoder",
             f"fractions must be <= 1 (Ray packs several actors on one GPU), got {self.gpus_per_encoder}",
         )
         check(
             isinstance(self.encoders, int) and self.encoders >= -1,
-            "execution.encoders",
+            "encoders",
             f"must be -1 (auto), 0 (encode in the shard tasks) or a number of actors, got {self.encoders!r}",
         )
         check(
             isinstance(self.batches_in_flight, int) and self.batches_in_flight >= 1,
-            "execution.batches_in_flight",
+            "batches_in_flight",
             f"must be an integer >= 1, got {self.batches_in_flight!r}",
         )
         check(
+            isinstance(self.lease_timeout_s, (int, float)) and self.lease_timeout_s > 0,
+            "lease_timeout_s",
+            f"must be a number of seconds > 0, got {self.lease_timeout_s!r}",
+        )
+        check(
             isinstance(self.local_cpus, int) and self.local_cpus >= 0,
-            "execution.local_cpus",
+            "local_cpus",
             f"must be an integer >= 0, got {self.local_cpus!r}",
         )
 
@@ -119,22 +126,22 @@ class HttpConfig:
             value = getattr(self, name)
             check(
                 isinstance(value, (int, float)) and value > 0,
-                f"http.{name}",
+                f"{name}",
                 f"must be > 0 seconds, got {value!r}",
             )
         check(
             isinstance(self.retries, int) and self.retries >= 0,
-            "http.retries",
+            "retries",
             f"must be an integer >= 0, got {self.retries!r}",
         )
         check(
             isinstance(self.max_concurrency, int) and self.max_concurrency >= 1,
-            "http.max_concurrency",
+            "max_concurrency",
             f"must be an integer >= 1, got {self.max_concurrency!r}",
         )
         check(
             isinstance(self.max_bytes, int) and self.max_bytes >= 1,
-            "http.max_bytes",
+            "max_bytes",
             f"must be a positive integer, got {self.max_bytes!r}",
         )
 
@@ -149,7 +156,7 @@ class StorageConfig:
     def __post_init__(self) -> None:
         check(
             isinstance(self.options, dict),
-            "storage.options",
+            "options",
             f"must be a mapping of fsspec storage options, got {type(self.options).__name__}",
         )
 

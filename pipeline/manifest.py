@@ -126,6 +126,19 @@ class Manifest:
             )
         self.format = formats.pop()
         self.source_column, self.caption_column = self._columns()
+        self.rows_streamed: dict[str, int] = {}  # per file, once `batches()` has read it whole
+
+    def file_records(self) -> list[dict[str, Any]]:
+        """Path, size, ETag or mtime, and row count (parquet footers; CSV/JSONL once streamed) of
+        every file, in manifest order: what `dataset.json` records and a rerun compares."""
+        from pipeline.resume import file_record
+
+        def rows(path: str) -> int | None:
+            if path in self.rows_streamed:
+                return self.rows_streamed[path]
+            return self._dataset(path).count_rows() if self.format == "parquet" else None
+
+        return [file_record(self.fs, p, self._display(p), rows(p)) for p in self.files]
 
     def _files(self, path: str) -> list[str]:
         try:
@@ -218,6 +231,7 @@ class Manifest:
                     f"manifest {self._display(path)} has no column {missing[0]!r} "
                     "(every file of a manifest needs the same columns)"
                 )
+            rows = 0
             try:
                 for batch in dataset.to_batches(
                     columns=list(columns),
@@ -227,9 +241,11 @@ class Manifest:
                 ):
                     sources = pc.cast(batch.column(0), pa.string()).to_pylist()
                     captions = batch.column(1).to_pylist()
+                    rows += len(sources)
                     yield [self._resolve(path, s) for s in sources], captions
             except pa.ArrowException as exc:
                 raise ManifestError(f"manifest {self._display(path)} cannot be read: {exc}") from exc
+            self.rows_streamed[path] = rows
 
 
 class ShardPlanner:

@@ -16,6 +16,7 @@ import sys
 
 from core.config import ConfigError, load_config
 from pipeline.config import PrepConfig
+from pipeline.lease import LeaseError
 from pipeline.manifest import ManifestError
 from pipeline.runner import JobArgs, JobError, PrepJob
 from pipeline.storage import OutputError
@@ -38,6 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--retry-failed", action="store_true", help="also redo the failed rows of committed shards"
     )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the plan (files, rows, shards, to do) and exit"
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides: section.field=value")
     return parser.parse_intermixed_args(argv)
 
@@ -55,9 +59,14 @@ def main(argv: list[str] | None = None) -> int:
             images=args.images,
             overwrite=args.overwrite,
             retry_failed=args.retry_failed,
+            dry_run=args.dry_run,
         )
+        if args.dry_run:
+            text, ok = PrepJob(cfg, job).dry_run()
+            print(text)
+            return 0 if ok else 2
         summary = PrepJob(cfg, job).run()
-    except (ConfigError, ManifestError, OutputError, JobError) as exc:
+    except (ConfigError, ManifestError, OutputError, JobError, LeaseError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(summary.table())

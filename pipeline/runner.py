@@ -20,84 +20,17 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from core.config import ConfigError
 from core.shard_format import FORMAT_VERSION
-from pipeline.config import PrepConfig, output_config, prep_fingerprint, public_config
+from pipeline.config import PrepConfig, output_config, public_config
+from pipeline.lease import Lease
 from pipeline.manifest import Manifest, SeenSources, ShardPlanner
+from pipeline.preflight import JobArgs, JobError, Preflight, Ready  # noqa: F401  (public names)
 from pipeline.shard import EncoderActor, ShardTask
 from pipeline.storage import KINDS, OutputStore, json_bytes
 from pipeline.summary import KindStats, Summary
-
-
-class JobError(RuntimeError):
-    """The job cannot start; the message says what to change."""
-
-
-@dataclass
-class JobArgs:
-    out: str
-    videos: str | None = None
-    images: str | None = None
-    overwrite: bool = False
-    retry_failed: bool = False
-
-    def manifests(self) -> dict[str, str | None]:
-        return {"videos": self.videos, "images": self.images}
-
-
-class Preflight:
-    """Everything that can fail before work starts: manifests, columns, output, fingerprint."""
-
-    def __init__(self, cfg: PrepConfig, args: JobArgs):
-        self.cfg, self.args = cfg, args
-
-    def run(self) -> tuple[dict[str, Manifest], OutputStore, str]:
-        if not self.args.videos and not self.args.images:
-            raise JobError("nothing to do: pass --videos MANIFEST and/or --images MANIFEST")
-        opts = self.cfg.storage.options
-        manifests = {
-            kind: Manifest(url, kind, self.cfg.manifest, opts)
-            for kind, url in self.args.manifests().items()
-            if url
-        }
-        store = OutputStore(self.args.out, opts)
-        store.check_writable()
-        fingerprint = prep_fingerprint(self.cfg)
-        if self.args.overwrite:
-            for kind in KINDS:
-                store.remove_shards(kind)
-            store.remove([p for p in [store.path("dataset.json")] if store.fs.exists(p)])
-        else:
-            self._check_existing(store, fingerprint)
-        return manifests, store, fingerprint
-
-    def _check_existing(self, store: OutputStore, fingerprint: str) -> None:
-        old = store.read_json(store.path("dataset.json"))
-        if old is None:
-            # No dataset.json but committed shards: compare with one shard's own fingerprint.
-            for kind in KINDS:
-                done = sorted(store.committed(kind))
-                if done:
-                    old = store.read_json(store.shard_path(kind, done[0], "json"))
-                    break
-        if old is None:
-            return
-        if old.get("fingerprint") != fingerprint:
-            raise JobError(
-                f"{self.args.out} was written with a different config (fingerprint {old.get('fingerprint')}, "
-                f"now {fingerprint}); its shards would mix two settings. Rerun with the same config, "
-                "choose another --out, or pass --overwrite to delete them and start again"
-            )
-        for kind, url in self.args.manifests().items():
-            before = (old.get("manifests") or {}).get(kind)
-            if url and before and before != url:
-                raise JobError(
-                    f"{self.args.out}/{kind} was written from manifest {before}, not {url}; "
-                    "pass the same manifest to resume, or --overwrite to start again"
-                )
 
 
 class Cluster:
@@ -161,9 +94,10 @@ def _run_shard(task: ShardTask, plan, retry: bool, offset: int) -> dict[str, Any
 class Dispatch:
     """Stream one manifest into shard tasks, `workers` in flight; skip committed shards."""
 
-    def __init__(self, cfg: PrepConfig, store: OutputStore, task_ref: Any, workers: int, retry_failed: bool):
+    def __init__(self, cfg: PrepConfig, store: OutputStore, task_ref: Any, workers: int, retry_failed: bool,
+                 lease: Lease | None = None):
         self.cfg, self.store, self.task_ref = cfg, store, task_ref
-        self.workers, self.retry_failed = workers, retry_failed
+        self.workers, self.retry_failed, self.lease = workers, retry_failed, lease
 
     def run(self, manifest: Manifest, stats: KindStats) -> None:
         import ray
@@ -209,6 +143,8 @@ class Dispatch:
                 bar.update(1)
                 continue
             settle(self.workers - 1)
+            if self.lease is not None:
+                self.lease.check()
             pending[remote.remote(self.task_ref, plan, retry, plan.index)] = plan.index
         settle(0)
         bar.close()
@@ -230,19 +166,22 @@ def _index_schema():
 class Finalize:
     """Totals over every committed shard (this run's and earlier ones) -> `dataset.json`."""
 
-    def __init__(self, cfg: PrepConfig, store: OutputStore, args: JobArgs, fingerprint: str):
-        self.cfg, self.store, self.args, self.fingerprint = cfg, store, args, fingerprint
+    def __init__(self, cfg: PrepConfig, ready: Ready, args: JobArgs):
+        self.cfg, self.store, self.args, self.fingerprint = cfg, ready.store, args, ready.fingerprint
+        self.ready = ready
 
     def write_dataset_json(
         self, totals: dict[str, Any] | None, model_ids: dict | None, complete: bool
     ) -> None:
         old = self.store.read_json(self.store.path("dataset.json")) or {}
         manifests = {k: v or (old.get("manifests") or {}).get(k) for k, v in self.args.manifests().items()}
+        files = {**(old.get("manifest_files") or {}), **self._file_records()}
         doc = dict(
             format_version=FORMAT_VERSION,
             fingerprint=self.fingerprint,
             complete=complete,
             manifests=manifests,
+            manifest_files=files,
             samples_per_shard=self.cfg.samples_per_shard,
             model_ids=model_ids or old.get("model_ids"),
             totals=totals or old.get("totals"),
@@ -251,6 +190,15 @@ class Finalize:
             updated_at=time.time(),
         )
         self.store.write_atomic(self.store.path("dataset.json"), json_bytes(doc))
+
+    def _file_records(self) -> dict[str, list[dict[str, Any]]]:
+        """The start-of-run records, with CSV/JSONL row counts filled in once streamed whole."""
+        out = {}
+        for kind, records in self.ready.files.items():
+            manifest = self.ready.manifests[kind]
+            out[kind] = [dict(rec, rows=manifest.rows_streamed.get(path, rec["rows"]))
+                         for rec, path in zip(records, manifest.files)]
+        return out
 
     def run(self, summary: Summary) -> None:
         model_ids = None
@@ -284,21 +232,48 @@ class PrepJob:
     def __init__(self, cfg: PrepConfig, args: JobArgs):
         self.cfg, self.args = cfg, args
 
+    def dry_run(self) -> tuple[str, bool]:
+        """(the plan as a table, whether the real run would start): writes nothing."""
+        ready = Preflight(self.cfg, self.args).run()
+        size = self.cfg.samples_per_shard
+        lines = [f"plan for {self.args.out} ({size} rows per shard)",
+                 f"{'kind':<7} {'files':>6} {'rows':>12} {'shards':>8} {'committed':>10} {'to do':>8}  note"]
+        for kind, manifest in ready.manifests.items():
+            counts = [f["rows"] for f in ready.files[kind]]
+            rows = sum(counts) if None not in counts else None
+            shards = -(-rows // size) if rows is not None else None
+            check = ready.checks.get(kind)
+            committed = ready.store.committed(kind) - (check.redo if check else set())
+            if shards is not None:
+                committed = {i for i in committed if i < shards}
+            todo = shards - len(committed) if shards is not None else None
+            note = (f"changed: {check.changed_file} ({check.change})" if check and check.change else
+                    f"{len(check.appended)} file(s) appended" if check and check.appended else "")
+            fmt = lambda v: "?" if v is None else str(v)  # CSV/JSONL rows are unknown until streamed
+            lines.append(f"{kind:<7} {len(manifest.files):>6} {fmt(rows):>12} {fmt(shards):>8} "
+                         f"{len(committed):>10} {fmt(todo):>8}  {note}")
+        lines += [f"would refuse: {p}" for p in ready.problems]
+        return "\n".join(lines), not ready.problems
+
     def run(self) -> Summary:
         import ray
 
-        manifests, store, fingerprint = Preflight(self.cfg, self.args).run()
-        finalize = Finalize(self.cfg, store, self.args, fingerprint)
-        finalize.write_dataset_json(None, None, complete=False)  # claims OUT for this fingerprint
+        ready = Preflight(self.cfg, self.args).run()
+        store, fingerprint, lease = ready.store, ready.fingerprint, ready.lease
         cluster = Cluster(self.cfg)
-        workers, actors = cluster.run()
-        summary = Summary(out=self.args.out, workers=workers, encoders=len(actors))
+        actors: list = []
         try:
-            task_ref = ray.put(ShardTask(self.cfg, self.args.out, fingerprint, actors, cluster.model_ids))
-            dispatch = Dispatch(self.cfg, store, task_ref, workers, self.args.retry_failed)
-            for kind, manifest in manifests.items():
+            finalize = Finalize(self.cfg, ready, self.args)
+            finalize.write_dataset_json(None, None, complete=False)  # claims OUT for this fingerprint
+            workers, actors = cluster.run()
+            summary = Summary(out=self.args.out, workers=workers, encoders=len(actors))
+            task = ShardTask(self.cfg, self.args.out, fingerprint, actors, cluster.model_ids,
+                             run_id=lease.run_id)
+            dispatch = Dispatch(self.cfg, store, ray.put(task), workers, self.args.retry_failed, lease)
+            for kind, manifest in ready.manifests.items():
                 dispatch.run(manifest, summary.kind(kind))
             finalize.run(summary)
         finally:
             cluster.shutdown(actors)
+            lease.release()
         return summary

@@ -160,9 +160,10 @@ class ShardTask:
         fingerprint: str,
         actors: list | None = None,
         actor_model_ids: dict[str, Any] | None = None,
+        run_id: str = "run",
     ):
         self.cfg = cfg
-        self.store = OutputStore(out, cfg.storage.options)
+        self.store = OutputStore(out, cfg.storage.options, run_id=run_id)
         self.fingerprint = fingerprint
         self.actors = actors or []
         self.actor_model_ids = actor_model_ids or {}

@@ -38,8 +38,10 @@ def url_to_fs(url: str, options: dict[str, Any]) -> tuple[fsspec.AbstractFileSys
 class OutputStore:
     """Paths, listing and atomic publishing under one output root."""
 
-    def __init__(self, url: str, options: dict[str, Any] | None = None):
+    def __init__(self, url: str, options: dict[str, Any] | None = None, run_id: str = "run"):
         self.url = url
+        # Temporary names carry the run id, so cleaning up never touches another run's files.
+        self.run_id = run_id
         self.fs, root = url_to_fs(url, options or {})
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.root = os.path.abspath(root) if self.is_local else root.rstrip("/")
@@ -52,12 +54,12 @@ class OutputStore:
 
     def tmp_path(self, name: str) -> str:
         # A random suffix: two attempts at one shard (a Ray retry) never share a temp file.
-        return self.path(TMP_DIR, f"{name}.{uuid.uuid4().hex[:12]}")
+        return self.path(TMP_DIR, self.run_id, f"{name}.{uuid.uuid4().hex[:12]}")
 
     def makedirs(self) -> None:
         # Object stores have no folders; s3fs's makedirs would even create a missing bucket.
         if self.is_local:
-            for folder in (TMP_DIR, *KINDS):
+            for folder in (f"{TMP_DIR}/{self.run_id}", *KINDS):
                 os.makedirs(self.path(folder), exist_ok=True)
 
     def check_writable(self) -> None:
@@ -126,11 +128,17 @@ class OutputStore:
             [self.shard_path(kind, i, ext) for i, exts in self.list_shards(kind).items() for ext in exts]
         )
 
-    def clean_tmp(self) -> None:
+    def clean_tmp(self, run_id: str | None = None) -> None:
+        """Delete one run's temporary files (this run's by default)."""
         try:
-            self.fs.rm(self.path(TMP_DIR), recursive=True)
+            self.fs.rm(self.path(TMP_DIR, run_id or self.run_id), recursive=True)
         except FileNotFoundError:
             pass
+        if self.is_local:
+            try:
+                os.rmdir(self.path(TMP_DIR))  # only when no other run has files there
+            except OSError:
+                pass
 
 
 def json_bytes(data: dict[str, Any]) -> bytes:

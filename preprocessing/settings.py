@@ -15,11 +15,11 @@ from core.config import check
 LATENT_DOWNSAMPLE = 8
 
 
-def _check_size(section: str, width: int, height: int) -> None:
+def _check_size(width: int, height: int) -> None:
     for name, value in (("width", width), ("height", height)):
         check(
             isinstance(value, int) and value > 0 and value % LATENT_DOWNSAMPLE == 0,
-            f"{section}.{name}",
+            name,
             f"must be a positive multiple of {LATENT_DOWNSAMPLE} (the VAE downsamples by 8), got {value!r}",
         )
 
@@ -37,32 +37,32 @@ class VideoConfig:
     def __post_init__(self) -> None:
         check(
             isinstance(self.frames, int) and self.frames >= 2,
-            "video.frames",
+            "frames",
             f"must be an integer >= 2 (motion factors need frame pairs), got {self.frames!r}",
         )
-        _check_size("video", self.width, self.height)
+        _check_size(self.width, self.height)
         check(
             isinstance(self.target_fps, (int, float))
             and math.isfinite(self.target_fps)
             and self.target_fps > 0,
-            "video.target_fps",
+            "target_fps",
             f"must be a positive number of frames per second, got {self.target_fps!r}",
         )
         check(
             isinstance(self.decode_timeout_s, (int, float)) and self.decode_timeout_s > 0,
-            "video.decode_timeout_s",
+            "decode_timeout_s",
             f"must be > 0 seconds, got {self.decode_timeout_s!r}",
         )
         check(
             isinstance(self.decode_memory_mb, int) and self.decode_memory_mb >= 1024,
-            "video.decode_memory_mb",
+            "decode_memory_mb",
             f"must be an integer >= 1024 (the decoder child maps ~450 MiB of Python and ffmpeg "
             f"libraries before decoding anything), "
             f"got {self.decode_memory_mb!r}",
         )
         check(
             isinstance(self.decoder_recycle_every, int) and self.decoder_recycle_every >= 1,
-            "video.decoder_recycle_every",
+            "decoder_recycle_every",
             f"must be an integer >= 1, got {self.decoder_recycle_every!r}",
         )
 
@@ -75,10 +75,10 @@ class ImageConfig:
     max_pixels: int = 89_478_485
 
     def __post_init__(self) -> None:
-        _check_size("image", self.width, self.height)
+        _check_size(self.width, self.height)
         check(
             isinstance(self.max_pixels, int) and self.max_pixels >= self.width * self.height,
-            "image.max_pixels",
+            "max_pixels",
             f"must be an integer >= image.width*image.height ({self.width * self.height}), "
             f"got {self.max_pixels!r}",
         )
@@ -103,32 +103,32 @@ class ModelsConfig:
     def __post_init__(self) -> None:
         check(
             isinstance(self.vae, str) and self.vae != "",
-            "models.vae",
+            "vae",
             "must name a VAE: `tiny`, a local diffusers folder or a hub id",
         )
         check(
             isinstance(self.semantic, str)
             and (self.semantic == "tiny" or self.semantic.startswith(("timm:", "open_clip:"))),
-            "models.semantic",
+            "semantic",
             f"must be `tiny`, `timm:MODEL_NAME` or `open_clip:ARCH:TAG`, got {self.semantic!r}",
         )
         check(
             self.text is None or (isinstance(self.text, str) and self.text != ""),
-            "models.text",
+            "text",
             "must be null (no text tokens) or an open_clip spec such as "
             "`ViT-H-14:laion2b_s32b_b79k` or `tiny`",
         )
         check(
             isinstance(self.device, str) and (self.device in _DEVICES or self.device.startswith("cuda:")),
-            "models.device",
+            "device",
             f"must be one of {', '.join(_DEVICES)} or cuda:N, got {self.device!r}",
         )
         check(
-            self.dtype in _DTYPES, "models.dtype", f"must be one of {', '.join(_DTYPES)}, got {self.dtype!r}"
+            self.dtype in _DTYPES, "dtype", f"must be one of {', '.join(_DTYPES)}, got {self.dtype!r}"
         )
         check(
             isinstance(self.batch_size, int) and self.batch_size >= 1,
-            "models.batch_size",
+            "batch_size",
             f"must be an integer >= 1, got {self.batch_size!r}",
         )
 

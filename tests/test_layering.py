@@ -70,3 +70,15 @@ def test_config_errors_name_the_dotted_path_from_the_nesting():
             load_config(TrainConfig, None, [override])
         assert err.value.field == field
         assert f"'{field}'" in str(err.value)
+
+
+def test_prep_config_errors_name_the_dotted_path():
+    from core.config import ConfigError, load_config
+    from pipeline.config import PrepConfig
+
+    cases = [("video.frames=0", "video.frames"), ("execution.workers=-1", "execution.workers"),
+             ("http.retries=-1", "http.retries"), ("models.batch_size=0", "models.batch_size")]
+    for override, field in cases:
+        with pytest.raises(ConfigError) as err:
+            load_config(PrepConfig, None, [override])
+        assert err.value.field == field, str(err.value)

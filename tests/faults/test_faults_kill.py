@@ -99,7 +99,7 @@ def test_worker_sigkill_mid_shard(small):
         # A shard task is running and has its temp tar open: the middle of a shard.
         def busy() -> bool:
             tmp = out / "_tmp"
-            return any(tmp.glob("*.tar.*")) and bool(ray_shard_workers(proc)) if tmp.exists() else False
+            return any(tmp.glob("*/*.tar.*")) and bool(ray_shard_workers(proc)) if tmp.exists() else False
 
         wait_for(busy, 300, proc, "a shard task writing its tar")
         victim = ray_shard_workers(proc)[0]

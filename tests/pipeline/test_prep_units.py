@@ -147,7 +147,7 @@ def test_writer_is_deterministic_and_commits_json_last(tmp_path):
     on_disk = json.loads((tmp_path / "one" / "videos" / "000003.json").read_text())
     assert on_disk["ok"] == stats[0]["ok"] == 2 and on_disk["reasons"] == {"decode_error": 1}
     assert stores[0].committed("videos") == {3}
-    assert not list((tmp_path / "one" / "_tmp").iterdir())
+    assert not [p for p in (tmp_path / "one" / "_tmp").rglob("*") if p.is_file()]  # no temp file left
 
 
 def test_aborted_shard_leaves_no_final_files(tmp_path):
@@ -156,7 +156,7 @@ def test_aborted_shard_leaves_no_final_files(tmp_path):
     writer.add_ok("k", "/a.png", "a", [("k.txt", b"a")])
     writer.abort()
     assert store.list_shards("images") == {}
-    assert not list((tmp_path / "_tmp").iterdir())
+    assert not [p for p in (tmp_path / "_tmp").rglob("*") if p.is_file()]
 
 
 def test_listing_finds_committed_shards_only(tmp_path):

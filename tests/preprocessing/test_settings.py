@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.config import ConfigError, load_config
+from core.config import ConfigError, from_dict, load_config
 from preprocessing.settings import ImageConfig, ModelsConfig, VideoConfig
 
 
@@ -35,8 +35,14 @@ def test_defaults_are_the_paper_settings():
     ],
 )
 def test_bad_values_name_the_field(cls, kwargs, field):
-    with pytest.raises(ConfigError, match=f"'{field}'"):
+    # Built directly, a section names its own field; through the prep config, the dotted path.
+    section, name = field.split(".")
+    with pytest.raises(ConfigError, match=f"'{name}'"):
         cls(**kwargs)
+    from pipeline.config import PrepConfig
+
+    with pytest.raises(ConfigError, match=f"'{field}'"):
+        from_dict(PrepConfig, {section: kwargs})
 
 
 def test_auto_device_and_dtype():
