@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from faultlib import check_members, prep_cmd, run, status_rows, tar_members
 
 from core.shard_format import REASONS, sample_key
 from pipeline.untrusted import redact_url
 from testing.hostile_http import HostileHTTP
+from testing.prep_job import check_members, prep_cmd, run, status_rows, tar_members
 
 pytestmark = pytest.mark.slow
 
