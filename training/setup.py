@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,11 @@ import torch
 import torch.distributed as dist
 
 from core.config import ConfigError
-from core.shards import BadSample, check_sample, load_npy
+from core.shards import BadSample, ShardError, check_sample, load_npy
 from training import checkpoint as ckpt_lib
 from training.config import TrainConfig
 from training.roles import VIDEO, RankRole, assign_role, roles_needed
-from training.sources import DataError, ReadOptions, ShardSource, first_sample, load_source, read_dataset_json
+from training.sources import DataError, ReadOptions, ShardReader, ShardSource, load_source, read_dataset_json
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -95,9 +96,49 @@ def check_dataset(cfg: TrainConfig, dataset: dict[str, Any], roles: set[str]) ->
         )
 
 
+PROBE_SAMPLES = 16  # samples read at start-up to tell a bad sample from a data root that disagrees
+
+
+def probe(src: ShardSource, read: ReadOptions, text_width: Callable[[int, str], None]) -> None:
+    """Read samples from the first shards that hold any until one passes the checks. One bad
+    sample never stops a job; if the first PROBE_SAMPLES all fail, dataset.json and the shards
+    disagree (or the data is garbage) and the job stops here, naming why. `text_width` sees the
+    width of the first readable `.text.npy` (a config mismatch to report as such)."""
+    seen: list[str] = []
+    widths: list[int] = []
+    for url in [u for u, n in zip(src.urls, src.sizes) if n > 0][:PROBE_SAMPLES]:
+        reader = ShardReader(url, 0, read)
+        try:
+            while len(seen) < PROBE_SAMPLES and (raw := reader.next()) is not None:
+                if "text.npy" in raw.members and not widths:
+                    try:
+                        widths.append(load_npy(raw.members["text.npy"]).shape[-1])
+                    except (ValueError, IndexError):
+                        pass  # unreadable tokens: check_sample counts them
+                    if widths:
+                        text_width(widths[0], url)
+                try:
+                    check_sample(raw, src.spec)
+                    return
+                except BadSample as err:
+                    seen.append(f"{url}: {err}")
+        except ShardError as err:
+            seen.append(f"{url}: {err}")
+        finally:
+            reader.close()
+        if len(seen) >= PROBE_SAMPLES:
+            break
+    if not seen:
+        raise DataError(f"no {src.spec.kind} shard holds a sample ({src.urls[0]}, ...); rerun prep")
+    raise DataError(
+        f"the first {len(seen)} {src.spec.kind} samples all fail the checks against dataset.json, "
+        f"so the shards and dataset.json disagree: rerun prep. First: {seen[0]}"
+    )
+
+
 def plan_data(cfg: TrainConfig, root: str, world_size: int) -> DataPlan:
     """Read dataset.json, check it against the config, list the shards of every role the job
-    needs and check one sample of each (every rank checks all roles, so a bad data root stops
+    needs and probe their first samples (every rank checks all roles, so a bad data root stops
     all ranks before any collective)."""
     storage = cfg.data.storage_options
     roles = roles_needed(cfg.roles, world_size)
@@ -109,12 +150,8 @@ def plan_data(cfg: TrainConfig, root: str, world_size: int) -> DataPlan:
     )
     for role in sorted(roles):
         src = sources[role] = load_source(root, role, storage, cfg.unet.context_dim, dataset)
-        url = src.urls[0]
-        raw = first_sample(url, read)
-        if raw is None:
-            raise DataError(f"{url}: shard holds no sample; rerun prep for it")
-        if "text.npy" in raw.members:
-            width = load_npy(raw.members["text.npy"]).shape[-1]
+
+        def text_width(width: int, url: str) -> None:
             if width != cfg.unet.context_dim:
                 raise _disagree(
                     "models.text",
@@ -125,13 +162,8 @@ def plan_data(cfg: TrainConfig, root: str, world_size: int) -> DataPlan:
                     f"(with a matching model.text), or re-run prep with a "
                     f"{cfg.unet.context_dim}-wide models.text",
                 )
-        try:
-            check_sample(raw, src.spec)
-        except BadSample as err:
-            raise DataError(
-                f"{url}: first sample fails the checks against dataset.json ({err}); "
-                f"the shards and dataset.json disagree: rerun prep"
-            ) from None
+
+        probe(src, read, text_width)
     frames = sources[VIDEO].spec.frames if VIDEO in sources else 0
     return DataPlan(sources, frames, dataset)
 

@@ -166,14 +166,6 @@ class ShardReader:
         self._file = self._it = None
 
 
-def first_sample(url: str, opts: ReadOptions) -> RawSample | None:
-    reader = ShardReader(url, 0, opts)
-    try:
-        return reader.next()
-    finally:
-        reader.close()
-
-
 def load_source(
     root: str,
     role: str,

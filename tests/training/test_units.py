@@ -174,6 +174,14 @@ def test_dataset_json_disagreeing_with_the_config_stops_before_training(tmp_path
     assert "bad_shape" in msg and "(8, 4, 8, 32)" in msg
     msg = fails({"format_version": 2})
     assert "format_version is 2" in msg
+    # One bad sample first, behind an empty shard, is no reason to refuse the job.
+    bad = tmp_path / "firstbad"
+    shutil.copytree(data, bad)
+    write_shard(bad / "videos" / "000000.tar", [])  # all rows failed in prep: ok 0
+    rng = np.random.default_rng(1)
+    first = [(n, b"[]" if n.endswith(".json") else b) for n, b in record("video", 50, rng)]
+    write_shard(bad / "videos" / "000001.tar", [first, record("video", 51, rng)])
+    assert plan_data(cfg, str(bad), world_size=1).sources["video"].sizes[:2] == [0, 2]
     (data / "dataset.json").unlink()
     with pytest.raises(DataError, match="no dataset.json"):
         plan_data(cfg, str(data), world_size=1)
