@@ -308,7 +308,9 @@ class CheckpointManager:
             return "the world size changed"
         if own is None:
             return "no per-rank file for this rank"
-        saved = own.get("topology", {})
+        if "topology" not in own:
+            return "the checkpoint predates the checkpoint registry (no topology in its rank files)"
+        saved = own["topology"]
         changed = [f"{k} {saved.get(k)} -> {v}" for k, v in self.topology.items() if saved.get(k) != v]
         if changed:
             return ", ".join(changed)

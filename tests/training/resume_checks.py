@@ -7,7 +7,7 @@ Before every resume the process-global RNGs are scrambled, so state the checkpoi
 - zero1: GA 2 + warmup 3, resumed mid-warmup at step 2.
 - zero2: EMA 0.5 and 2 loader workers; resumed exactly, with another lr, with 1 and 0 workers.
 - zero3: resumed at step 2; its save at step 4 fails on rank 1 (disk full, injected here).
-- nan: rank 1's loss is NaN at steps 2, 4, 5 (train.max_skipped_steps=2).
+- nan: rank 1's loss is NaN at steps 2 and 5, rank 0's gradient inf at 4 (train.max_skipped_steps=2).
 - universal: the 4-rank baseline's step 5 on 2 ranks, twice from the same conversion.
 - untrusted: --resume of a checkpoint outside --output without trust_checkpoint.
 """
@@ -152,9 +152,12 @@ def nan(data: str, out: Path) -> None:
 
     def poisoned(batch):
         loss = inner(batch)
-        return loss * float("nan") if tr.rank == 1 and tr.step + 1 in (2, 4, 5) else loss
+        return loss * float("nan") if tr.rank == 1 and tr.step + 1 in (2, 5) else loss
 
     tr.compute_loss = poisoned
+    if tr.rank == 0:  # step 4: finite losses, but an infinite gradient on rank 0
+        first = next(p for p in tr.engine.module.parameters() if p.requires_grad)
+        first.register_hook(lambda g: g * float("inf") if tr.step + 1 == 4 else g)
     try:
         steps(tr, 6, lambda t: trace.append(params(t)))
         outcome = "no error"

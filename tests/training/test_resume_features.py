@@ -95,13 +95,17 @@ def test_loader_worker_change_rederives_streams(checks):
     assert torch.load(checks / "zero2" / "b_state.pt")["generations"] == [0]  # same workers: kept
 
 
-def test_nonfinite_loss_skips_the_step_everywhere_and_stops(checks):
+def test_nonfinite_loss_or_gradient_skips_the_step_everywhere_and_stops(checks):
     m = {r["step"]: r for r in metrics(checks / "nan" / "a")}
     assert sorted(m) == [1, 2, 3, 4, 5]
     assert [m[s]["skipped"] for s in sorted(m)] == [0, 1, 0, 1, 1]
     assert [m[s]["skipped_steps"] for s in sorted(m)] == [0, 1, 1, 2, 3]
-    for s in (2, 4, 5):
+    for s in (2, 5):  # rank 1 (image) had a NaN loss
         assert math.isnan(m[s]["loss_image"]) and math.isfinite(m[s]["loss_video"])
+    assert math.isfinite(m[4]["loss_image"]) and math.isfinite(m[4]["loss_video"])  # inf gradient
+    out = (checks / "stdout.txt").read_text()
+    assert "step 4: optimiser step skipped on every rank (non-finite gradient norm)" in out
+    assert "step 5: optimiser step skipped on every rank (non-finite loss on rank(s) [1])" in out
     raw = (checks / "nan" / "a" / "metrics.jsonl").read_text().splitlines()
     assert '"loss_image": NaN' in raw[1] and "null" not in raw[1]
     after = torch.load(checks / "nan" / "a_trace.pt")  # params after steps 1..4
@@ -112,6 +116,7 @@ def test_nonfinite_loss_skips_the_step_everywhere_and_stops(checks):
         stop = (checks / "nan" / f"a_stop_rank{rank}.txt").read_text()
         assert "2 optimiser steps in a row" in stop and "train.max_skipped_steps=2" in stop
         assert "step 5: rank 1: " in stop and "images/" in stop and ".tar" in stop
+        assert "step 4: rank 0: " in stop and "videos/" in stop  # no culprit: every rank's shards
 
 
 def test_failed_save_on_one_rank_stops_every_rank(checks):
