@@ -203,20 +203,22 @@ def _timed_job(cfg, out: Path, manifest: Path) -> dict:
 
     start = time.perf_counter()
     args = JobArgs(out=str(out), videos=str(manifest), overwrite=True)
-    manifests, store, fingerprint = Preflight(cfg, args).run()
+    ready = Preflight(cfg, args).run()
     cluster = Cluster(cfg)
-    workers, actors = cluster.run()
+    actors: list = []
     try:
-        task = ShardTask(cfg, args.out, fingerprint, actors, cluster.model_ids, cluster.actor_nodes,
-                         cluster.local_paths)
+        workers, actors = cluster.run()
+        task = ShardTask(cfg, args.out, ready.fingerprint, actors, cluster.model_ids, cluster.actor_nodes,
+                         cluster.local_paths, run_id=ready.lease.run_id)
         summary = Summary(out=args.out, workers=workers, encoders=len(actors))
-        dispatch = Dispatch(cfg, store, ray.put(task), workers, False)
+        dispatch = Dispatch(cfg, ready.store, ray.put(task), workers, False, ready.lease)
         t = time.perf_counter()
-        dispatch.run(manifests["videos"], summary.kind("videos"))
+        dispatch.run(ready.manifests["videos"], summary.kind("videos"))
         seconds = time.perf_counter() - t
-        Finalize(cfg, store, args, fingerprint).run(summary)
+        Finalize(cfg, ready, args).run(summary)
     finally:
         cluster.shutdown(actors)
+        ready.lease.release()
     totals = summary.totals.get("videos") or {}
     clips = totals.get("ok", 0) + totals.get("failed", 0)
     return dict(ok=totals.get("ok"), failed=totals.get("failed"), reasons=totals.get("reasons"),
@@ -281,7 +283,7 @@ def _unet_inputs(cfg, batch: int, frames: int, h: int, w: int, sizes: Sizes):
         return (x, t, ctx), dict(spatial_only=True)
     kw = dict(spatial_prior=torch.randn(batch, 4, h, w, generator=g).to(dev, dt),
               motion=(torch.rand(batch, frames - 1, generator=g) * 50).to(dev),
-              appearance=torch.rand(batch, frames, frames, generator=g).to(dev))
+              appearance_matrix=torch.rand(batch, frames, frames, generator=g).to(dev))
     return (x, t, ctx), kw
 
 

@@ -82,4 +82,4 @@ def test_tar_members_safe_unique_and_pickle_free(hostile_run):
         # Odd captions (control characters, paths, unicode, 100 kB) arrive cleaned, not mangled.
         assert [texts.get(k) for k in ok.key] == [clean_caption(c, s) for c, s in zip(ok.caption, ok.source)]
     leftovers = [p for p in out.rglob("*") if p.is_file() and p.parent.name not in ("videos", "images")]
-    assert [p.name for p in leftovers] == ["dataset.json"], leftovers
+    assert sorted(p.name for p in leftovers) == ["dataset.json", "index.parquet"], leftovers

@@ -183,7 +183,9 @@ engine, *_ = deepspeed.initialize(model=unet, optimizer=make_optimizer(cfg, unet
                                   lr_scheduler=make_scheduler(cfg),
                                   config=deepspeed_config(cfg, 1, "fp32", False))
 open(out + "/config.yaml", "w").write(to_yaml(cfg))
-checkpoint.save(engine, out, 7, {}, {}, keep=2)
+manager = checkpoint.CheckpointManager(out, keep=2, topology={"world_size": 1})
+manager.register("engine", checkpoint.EngineState(engine), checkpoint.ENGINE)
+manager.save(7, {})
 save_file({k: v.contiguous() for k, v in engine.module.state_dict().items()}, out + "/expected.safetensors")
 """
 

@@ -67,6 +67,7 @@ def test_s3_manifest_media_and_shards(s3, synthetic, ray_session, prep):
         "000002.parquet",
         "000002.tar",
         "dataset.json",
+        "index.parquet",
     ]
     status = pd.concat(
         [pd.read_parquet(io.BytesIO(fs.cat_file(f"shards/run1/videos/00000{i}.parquet"))) for i in range(3)],
