@@ -1,4 +1,4 @@
-"""Pure frame-selection and crop geometry (SPEC §2). No I/O: the decoder child imports this.
+"""Pure frame-selection and crop geometry (docs/method.md#prep). No I/O: the decoder child imports this.
 
 Kept free of torch/decord so it is cheap to import in the isolated decoder process and easy
 to test exhaustively.
@@ -24,7 +24,7 @@ def base_stride(native_fps: float, target_fps: float) -> int:
 def select_frames(
     n_frames: int, native_fps: float, target_fps: float, frames: int, key: str
 ) -> tuple[list[int], int]:
-    """(frame indices, stride) of the one clip taken from a video (SPEC §2).
+    """(frame indices, stride) of the one clip taken from a video (docs/method.md#prep).
 
     The stride is lowered (down to 1) until the clip fits; never pads. The start is derived
     from the hex sample key so reruns pick the same frames.

@@ -1,4 +1,4 @@
-"""The semantic image model Ω of the appearance matrix (SPEC §2): one feature vector per frame.
+"""The semantic image model Ω of the appearance matrix (docs/method.md#prep): one feature vector per frame.
 
 Specs (ModelsConfig.semantic):
 - `timm:NAME` — a timm model; DINOv2 ViT-S/14 (`timm:vit_small_patch14_dinov2`) by default,

@@ -11,7 +11,7 @@ sampling (defaults and range warnings for γm and γa).
     }
 
 - `motion`: percentiles of γm units, i.e. MOTION_UNITS (10) x the per-clip mean raw motion
-  factor (SPEC §2). γm has this one meaning everywhere: 10 x the raw factor at the training
+  factor (docs/method.md#prep). γm has this one meaning everywhere: 10 x the raw factor at the training
   resolution; the model's `unet.motion_scale` is 10 in every shipped config.
 - `appearance_change`: percentiles of `1 - A[0, F-1]` of the measured appearance matrices
   (the paper's γa of a real clip, before any affine).

@@ -1,4 +1,4 @@
-"""What γm and γa mean for one checkpoint (SPEC §3 "Calibration"), from the training data's
+"""What γm and γa mean for one checkpoint (docs/method.md#calibration), from the training data's
 statistics that the checkpoint carries (core/statistics.py).
 
 - γm is 10 x the raw motion factor at the training resolution, one meaning everywhere. The
@@ -21,7 +21,7 @@ from core.config import ConfigError
 from core.statistics import DataStatistics
 from model.config import UNetConfig
 
-PAPER_MOTION = 500.0  # SPEC §6 default γm (at 448x256): used only without statistics
+PAPER_MOTION = 500.0  # docs/method.md#inference: default γm (at 448x256): used only without statistics
 PAPER_SIZE = (448, 256)  # (width, height)
 
 

@@ -1,4 +1,4 @@
-"""Scoring videos as the paper reports it (SPEC §7): CLIPSIM and temporal consistency of
+"""Scoring videos as the paper reports it (docs/method.md#eval): CLIPSIM and temporal consistency of
 generated and real clips, and the Fig. 8 sweep over γm and γa. The CLI is model/evaluate.py;
 reading real clips and writing tables and plots is model/eval_io.py.
 

@@ -1,4 +1,4 @@
-"""Model and diffusion configs (SPEC §3, §4). Defaults are the full-size model: ModelScope-T2V's
+"""Model and diffusion configs (docs/method.md). Defaults are the full-size model: ModelScope-T2V's
 UNetSD with HiGen's spatial prior, motion and appearance guidance. `UNetConfig.tiny()` is the
 small random model used by tests, the demo and CI.
 

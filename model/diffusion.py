@@ -1,4 +1,4 @@
-"""Diffusion (SPEC §4) through diffusers schedulers: v-prediction with zero-terminal-SNR betas,
+"""Diffusion (docs/method.md#diffusion) via diffusers schedulers: v-prediction with zero-terminal-SNR betas,
 offset noise and text dropout in training; DDIM ("trailing" spacing) with classifier-free guidance
 in sampling.
 

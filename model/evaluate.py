@@ -1,4 +1,4 @@
-"""Evaluation as the paper reports it (SPEC §7): the command line.
+"""Evaluation as the paper reports it (docs/method.md#eval): the command line.
 
     python -m model.evaluate --ckpt DIR --prompts FILE [--clip tiny|ARCH:TAG] [--sweep]
         [--motions 300,600] [--appearances 0,0.5,1] [--real MANIFEST_or_VIDEOS] [--out DIR]

@@ -1,4 +1,4 @@
-"""HiGen's new conditioning modules (SPEC §3): spatial prior, motion guidance (Eq. 2), appearance
+"""HiGen's new conditioning modules (docs/method.md#model): spatial prior, motion guidance (Eq. 2), appearance
 guidance, and the optional text-token projection. All are zero-initialised where they join the
 backbone, so a pretrained backbone behaves exactly as before at the start of training.
 """
@@ -64,7 +64,7 @@ class MotionGuidance(TemporalModule):
 
 def appearance_affine(measured: torch.Tensor, a: float, b: float) -> torch.Tensor:
     """A measured similarity matrix -> the appearance MLP's input space: `a * A + b`. Training
-    inputs only: Eq. 4 (sampling) is built in the MLP's input space already (SPEC §3)."""
+    inputs only: Eq. 4 (sampling) is built in the MLP's input space already (docs/method.md#model)."""
     return a * measured.float() + b
 
 

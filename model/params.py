@@ -1,4 +1,4 @@
-"""Parameter groups (SPEC §3, §5): `spatial` = the modules SD 2.1 has (pretrained), `temporal` =
+"""Parameter groups (docs/method.md#groups): `spatial` = the modules SD 2.1 has (pretrained), `temporal` =
 temporal convs / transformers, spatial-prior conv, guidance MLPs and any other new module.
 
 Computed from the module tree: a parameter is temporal iff it sits below a `TemporalModule`.

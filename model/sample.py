@@ -1,4 +1,4 @@
-"""Text-to-video sampling from a trained HiGen checkpoint (SPEC §6): the command line.
+"""Text-to-video sampling from a trained HiGen checkpoint (docs/method.md#inference): the command line.
 
     python -m model.sample --ckpt DIR --prompt TEXT --out FILE.mp4 [--motion GM] [--appearance GA]
         [--frames F] [--steps 50] [--guidance G] [--seed S] [--image REF.png] [--prompt-file FILE]

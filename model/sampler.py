@@ -2,7 +2,7 @@
 generates batches of videos (`model/sample.py` is the CLI around it, `model/two_stage.py` the
 algorithm).
 
-Calibration (SPEC §3, model/calibration.py): frames, width and height default to the
+Calibration (docs/method.md#calibration, model/calibration.py): frames, width and height default to the
 checkpoint's training values and γm to the training median. γm means 10 x the raw motion
 factor at the training resolution; at another size the model is fed γm · √(area ratio), and
 `Sampler.settings` reports both. γm or γa outside the data's 1st-99th percentiles is sampled

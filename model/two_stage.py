@@ -1,4 +1,4 @@
-"""The two-stage sampling algorithm (SPEC §6, paper §3.4); `model/sampler.py` wraps it with the
+"""The two-stage algorithm (docs/method.md#inference, paper §3.4); `model/sampler.py` wraps it with the
 encoders and the checkpoint's calibration, `model/sample.py` is the CLI.
 
 1. Spatial reasoning: a text-to-image pass (F = 1, spatial-only) gives the prior latent z_s

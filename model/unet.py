@@ -1,4 +1,4 @@
-"""HiGen 3D-UNet (SPEC §3): ModelScope-T2V's UNetSD, key for key, plus the spatial prior and the
+"""HiGen 3D-UNet (docs/method.md#model): ModelScope-T2V's UNetSD, key for key, plus the spatial prior and the
 motion / appearance guidance.
 
 One forward serves both passes:
@@ -6,7 +6,7 @@ One forward serves both passes:
   `[B,F-1]`, appearance matrix `[B,F,F]`;
 - spatial-only (spatial reasoning, image ranks, stage-1 sampling): F = 1. Every temporal layer and
   guidance module still runs but its output is multiplied by a gate of 0 (`h + g * temporal(h)`):
-  each rank runs the same autograd graph, which ZeRO needs (SPEC §5), and the temporal parameters
+  each rank runs the same autograd graph, which ZeRO needs (docs/method.md#ranks), and the temporal parameters
   get exactly zero gradient.
 
 `slots` records, for every backbone module, its name in the diffusers and LDM layouts: weights.py
@@ -144,7 +144,7 @@ class HiGenUNet(nn.Module):
         Video pass: a missing spatial prior is zeros, missing motion zeros, a missing appearance
         matrix all ones (no appearance change). `appearance_matrix` `[B,F,F]` is in the appearance
         MLP's input space: Eq. 4 as it is, or `guidance.appearance_affine` of a measured matrix.
-        Spatial-only pass (F must be 1): the SPEC's neutral
+        Spatial-only pass (F must be 1): the neutral
         inputs are always used (zero prior, motion 0, appearance ones); the given ones are ignored,
         and every temporal layer and guidance module runs behind a zero gate.
         """
@@ -227,7 +227,7 @@ class HiGenUNet(nn.Module):
 
 
 def middle_frame_prior(latents: torch.Tensor) -> torch.Tensor:
-    """Training spatial prior z_s of a clip `[B,C,F,h,w]`: its middle frame `F // 2` (SPEC §3)."""
+    """Training spatial prior z_s of a clip `[B,C,F,h,w]`: its middle frame F // 2 (docs/method.md#prior)."""
     if latents.ndim != 5:
         raise ValueError(f"latents must be [B,C,F,h,w], got {tuple(latents.shape)}")
     return latents[:, :, latents.shape[2] // 2]

@@ -1,4 +1,4 @@
-"""Pretrained weights into HiGenUNet (SPEC §3).
+"""Pretrained weights into HiGenUNet (docs/method.md#model).
 
 Layouts (`fmt`):
 - `ldm`: Stable Diffusion 2.1 original checkpoint (`model.diffusion_model.*`) -> spatial parameters;

@@ -1,4 +1,4 @@
-"""`python -m pipeline.prep`: manifests -> WebDataset shards (SPEC §1) on a Ray cluster.
+"""`python -m pipeline.prep`: manifests -> WebDataset shards (docs/shard-format.md) on a Ray cluster.
 
     python -m pipeline.prep --videos MANIFEST --images MANIFEST --out OUT \\
         [--config configs/prep/tiny.yaml] [--samples-per-shard N] [--overwrite] [--retry-failed] \\

@@ -1,4 +1,4 @@
-"""Dataset report over a preprocessing output (SPEC §1): what a dataset looks like, as files
+"""Dataset report over a preprocessing output (docs/shard-format.md): what a dataset looks like, as files
 a person can open.
 
     python -m pipeline.report OUT [--out REPORT_DIR] [--workers 8]
@@ -224,7 +224,7 @@ def collect(out: str, workers: int = 8) -> tuple[dict[str, KindReport], dict[str
             reports[kind] = rep
     if not any(r.shards or r.incomplete_shards for r in reports.values()):
         raise FileNotFoundError(
-            f"{out} holds no shards under videos/ or images/ (SPEC §1 layout); is it a pipeline.prep output?"
+            f"{out} has no shards in videos/ or images/ (docs/shard-format.md): not a pipeline.prep output?"
         )
     return reports, dataset
 

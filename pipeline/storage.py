@@ -1,4 +1,4 @@
-"""The output root (`OUT`, a local path or any fsspec URL) and its commit protocol (SPEC §1).
+"""The output root (`OUT`, a local path or any fsspec URL) and its commit protocol (docs/shard-format.md).
 
 A shard's files are written under `OUT/_tmp/` and moved into `OUT/videos|images/` in the order
 tar, parquet, json. On a local disk the move is a rename (atomic on one filesystem); on object

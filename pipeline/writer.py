@@ -1,4 +1,4 @@
-"""Writing one shard: a deterministic tar, the status parquet and the stats json (SPEC §1).
+"""Writing one shard: a deterministic tar, the status parquet and the stats json (docs/shard-format.md).
 
 The tar is written with `tarfile` rather than `webdataset.TarWriter`: TarWriter re-sorts each
 sample's members by extension and stamps `time.time()` and user "bigdata" into the headers

@@ -1,4 +1,4 @@
-"""`Encoder`: decoded pixels -> `SampleRecord` (SPEC §1 members).
+"""`Encoder`: decoded pixels -> `SampleRecord` (docs/shard-format.md).
 
 Frames of a whole batch of samples are pooled and pushed through the VAE and the semantic
 model in chunks of `models.batch_size` frames, so memory is bounded by the chunk, not by the

@@ -1,4 +1,4 @@
-"""The paper's motion and appearance factors (SPEC §2), as pure numpy functions."""
+"""The paper's motion and appearance factors (docs/method.md#prep), as pure numpy functions."""
 
 from __future__ import annotations
 

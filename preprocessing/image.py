@@ -1,5 +1,5 @@
 """Image decoding with Pillow: any mode to RGB, EXIF orientation, decompression-bomb limit,
-then the same resize-to-cover + centre crop as video frames (SPEC §2, `transform.py`)."""
+then the same resize-to-cover + centre crop as video frames (docs/method.md#prep, `transform.py`)."""
 
 from __future__ import annotations
 

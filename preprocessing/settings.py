@@ -1,4 +1,4 @@
-"""Config sections of per-sample preprocessing (SPEC §2 defaults: 32 frames, 448×256, 8 fps).
+"""Config sections of per-sample preprocessing (docs/method.md#prep defaults: 32 frames, 448×256, 8 fps).
 
 They are plain dataclasses so the pipeline's `PrepConfig` nests them and YAML/CLI overrides
 (`video.frames=8`, `models.vae=tiny`) reach them through `core.config.load_config`.

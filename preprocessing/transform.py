@@ -1,4 +1,4 @@
-"""The spatial transform shared by video frames and images (SPEC §2): resize to cover W×H
+"""The spatial transform shared by video frames and images (docs/method.md#prep): resize to cover W×H
 keeping aspect, then centre-crop; uint8 in and out.
 
 torch's uint8 channels-last antialiased bilinear kernel is vectorised and several times

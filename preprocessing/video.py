@@ -70,7 +70,7 @@ def probe(path: str, data: bytes | None) -> dict[str, Any]:
 
 def open_clip(path: str, data: bytes | None, key: str, req: dict[str, Any]):
     """Open with the backend (decord unless the request names another) and select the clip's
-    frames (SPEC §2): (reader, indices, meta).
+    frames (docs/method.md#prep): (reader, indices, meta).
 
     PyAV only probes when the backend fails or finds too few frames, to give the precise reason
     (no video stream, a still image); the happy path pays for one container open.

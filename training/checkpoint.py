@@ -1,4 +1,4 @@
-"""Checkpoints under `OUTPUT/checkpoints/step_XXXXXXX/` (SPEC §5): a registry of state.
+"""Checkpoints under `OUTPUT/checkpoints/step_XXXXXXX/` (docs/training.md): a registry of state.
 
 Like torchtitan's `CheckpointManager`, `CheckpointManager.states` maps a name to an object with
 `state_dict()`/`load_state_dict()`, and one save loop and one load loop handle them all; new

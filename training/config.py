@@ -1,4 +1,4 @@
-"""`TrainConfig`: every training knob (SPEC §5), loaded from `configs/train/*.yaml` plus
+"""`TrainConfig`: every training knob (docs/training.md), loaded from `configs/train/*.yaml` plus
 `section.field=value` overrides through the project's one config system."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class ModelConfig:
 
 @dataclass
 class RolesConfig:
-    # SPEC §5: a quarter of the ranks are image ranks, spread evenly (ratio 0.25 gives the
+    # docs/method.md#ranks: a quarter of the ranks are image ranks, spread evenly (ratio 0.25 gives the
     # released code's `rank % 4 == 3`). `image_ranks` sets the count explicitly.
     image_ratio: float = 0.25
     image_ranks: int | None = None
@@ -99,7 +99,7 @@ class OptimConfig:
     warmup_steps: int = 0  # linear warmup from 0 (DeepSpeed WarmupLR); 0 = constant lr
     grad_clip: float = 1.0  # set explicitly: DeepSpeed's own default changed over versions
     spatial_grad_decay: float = 0.2  # paper §4.1
-    grad_decay_mode: str = "video_ranks"  # SPEC §5 decision; `all` = released code; `none`
+    grad_decay_mode: str = "video_ranks"  # docs/method.md#decay; `all` = released code; `none`
     ema_decay: float | None = None  # e.g. 0.9999; null = no EMA weights
 
     def __post_init__(self) -> None:
@@ -193,7 +193,7 @@ class TrainLoopConfig:
 
 @dataclass
 class TrainConfig:
-    unet: UNetConfig = field(default_factory=UNetConfig)  # SPEC §3 (text dropout: diffusion.text_dropout)
+    unet: UNetConfig = field(default_factory=UNetConfig)  # docs/method.md#model; text dropout: see diffusion
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     roles: RolesConfig = field(default_factory=RolesConfig)

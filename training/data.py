@@ -1,4 +1,4 @@
-"""Streaming, resumable, sample-shuffled readers of shard format v1 (SPEC §1) for image ranks
+"""Streaming, resumable, sample-shuffled readers of shard format v1 (docs/shard-format.md) for image ranks
 and video ranks.
 
 Every (role, role_rank, loader worker) owns one *stream*: an endless sequence of shard draws.

@@ -1,4 +1,4 @@
-"""The training loop: image ranks and video ranks under one DeepSpeed engine (SPEC §5).
+"""The training loop: image ranks and video ranks under one DeepSpeed engine (docs/method.md#ranks).
 
 Every rank calls the same UNet forward: video ranks with F frames, the middle-frame spatial
 prior, motion and appearance; image ranks with F=1 and `spatial_only=True`, where the temporal

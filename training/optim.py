@@ -1,4 +1,4 @@
-"""Optimiser, DeepSpeed config, the 0.2 spatial gradient decay and EMA weights (SPEC §5)."""
+"""Optimiser, DeepSpeed config, the 0.2 spatial gradient decay and EMA weights (docs/method.md#decay)."""
 
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def install_grad_decay(model: nn.Module, spatial: list[str], factor: float, mode
 
     A tensor hook runs when autograd produces the parameter's gradient, before DeepSpeed's
     accumulate/reduce hooks, so it scales this rank's contribution to the averaged gradient
-    under every ZeRO stage. `video_ranks` (SPEC §5 decision): only video ranks' contribution,
+    under every ZeRO stage. `video_ranks` (docs/method.md#decay): only video ranks' contribution,
     so the image objective dominates the spatial layers. `all`: every rank (released code;
     AdamW makes it nearly a no-op). `none`: no hook.
     """

@@ -1,4 +1,4 @@
-"""Image ranks and video ranks (SPEC §5, paper §3.4)."""
+"""Image ranks and video ranks (docs/method.md#ranks, paper §3.4)."""
 
 from __future__ import annotations
 

@@ -55,7 +55,7 @@ def list_shards(root: str, role: str, storage: dict[str, Any] | None = None) -> 
     if not fs.isdir(folder):
         raise DataError(
             f"data root {root} has no {role}s/ folder, but this job has {role} ranks; point --data at a "
-            f"preprocessing output root (SPEC §1) or change roles.image_ratio / roles.image_ranks"
+            f"preprocessing output root (docs/shard-format.md) or set roles.image_ratio / roles.image_ranks"
         )
     names = set(fs.ls(folder, detail=False))
     tars = sorted(p for p in names if p.endswith(".tar") and p[: -len(".tar")] + ".json" in names)
@@ -74,7 +74,7 @@ def read_dataset_json(root: str, storage: dict[str, Any] | None = None) -> dict[
     except FileNotFoundError:
         raise DataError(
             f"{root} has no dataset.json: training reads the format version and frame size from it; "
-            f"point --data at a pipeline.prep output root (SPEC §1)"
+            f"point --data at a pipeline.prep output root (docs/shard-format.md)"
         ) from None
     except ValueError as err:
         raise DataError(f"{root}/dataset.json is not valid JSON ({err}); rerun prep to rewrite it") from None

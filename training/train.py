@@ -1,4 +1,4 @@
-"""Train HiGen with DeepSpeed (SPEC §5).
+"""Train HiGen with DeepSpeed (docs/training.md).
 
     deepspeed [--hostfile H | --num_gpus N] training/train.py --config FILE --data OUT --output DIR \
         [--max-steps N] [--save-every N] [--resume auto|PATH|none] [--trust-checkpoint] \

@@ -1,4 +1,4 @@
-"""Shard format v1 (SPEC §1), its one owner: writing (`format`), safe tar reading (`tar`) and
+"""Shard format v1 (docs/shard-format.md), its one owner: writing (`format`), safe tar reading (`tar`) and
 per-sample validation against `dataset.json` (`validate`). Imports nothing of ours."""
 
 from core.shards.format import (

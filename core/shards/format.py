@@ -1,4 +1,4 @@
-"""Shard format v1 (SPEC §1), the writing side: keys, member names and bytes, reason codes.
+"""Shard format v1 (docs/shard-format.md), the writing side: keys, member names and bytes, reason codes.
 
 Change only with a `FORMAT_VERSION` bump. Everything here is plain numpy/json so that stock
 `webdataset` and `ray.data.read_webdataset` read the shards without project code. Reading
@@ -93,7 +93,7 @@ def load_npy(data: bytes) -> np.ndarray:
 
 @dataclass
 class SampleRecord:
-    """One successful sample, ready to become the tar members of SPEC §1."""
+    """One successful sample, ready to become the members of docs/shard-format.md."""
 
     key: str
     caption: str

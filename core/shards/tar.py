@@ -1,6 +1,6 @@
 """Reading shard tars without surprises: the one place that groups tar members into samples.
 
-Shards may come from people you do not trust (SPEC §1), so a reader here
+Shards may come from people you do not trust (docs/shard-format.md), so a reader here
 - accepts plain (uncompressed) tar only: a gzip/bz2/xz/zstd stream is a bad shard, rejected
   from its first bytes, never decompressed (a 1.3 MB gzip "tar" once grew RSS by 605 MB);
 - checks each member's size from its tar header before reading it (`max_member_bytes`), and
@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
-# Format v1 members (SPEC §1); anything else in a shard is skipped unread.
+# Format v1 members (docs/shard-format.md); anything else in a shard is skipped unread.
 KNOWN_MEMBERS = ("json", "txt", "latents.npy", "motion.npy", "appearance.npy", "text.npy")
 DEFAULT_MAX_MEMBER_BYTES = 64 << 20
 MAX_HEADER_BYTES = 1 << 20  # pax / GNU long-name header payloads (names, attributes)

@@ -1,4 +1,4 @@
-"""Strict per-sample checks of format v1 against what `dataset.json` declares (SPEC §1).
+"""Strict per-sample checks of format v1 against what `dataset.json` declares (docs/shard-format.md).
 
 `SampleSpec.from_dataset` derives the exact member shapes from `dataset.json` (format version,
 frame count, frame size, hence the latent shape); `check_sample` turns a `RawSample` into

@@ -1,4 +1,4 @@
-"""Diffusion per SPEC §4: schedulers, v-prediction target, offset noise, text dropout, loss."""
+"""Diffusion (docs/method.md#diffusion): schedulers, v-prediction target, offset noise, text dropout, loss."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def training_noise(diffusion: Diffusion, shape: tuple[int, ...], seed: int = 0) 
 
 @pytest.mark.parametrize("offset", [0.0, 0.1, 0.3])
 def test_offset_noise_is_a_constant_per_sample_channel_and_frame(offset):
-    # noise = N(0, 1) per element + offset * N(0, 1) per (sample, channel, frame), SPEC §4. Over
+    # noise = N(0, 1) per element + offset * N(0, 1) per (sample, chan, frame), docs/method.md#diffusion. Over
     # the h*w pixels of one frame its mean has variance offset² + 1/(h*w); the difference of
     # two frames' means twice that (an offset shared by the frames would cancel out there).
     b, c, f, h, w = 64, 4, 4, 16, 16

@@ -1,4 +1,4 @@
-"""Calibrated controls (SPEC §3, issue 13): defaults from the checkpoint's training statistics,
+"""Calibrated controls (docs/method.md#calibration): defaults from the checkpoint's training statistics,
 warnings naming the data's range, γm rescaled at another resolution, Eq. 4 fed to the MLP as
 it is, `appearance_affine: auto`, and checkpoints of older runs (no statistics)."""
 

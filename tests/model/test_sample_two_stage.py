@@ -1,4 +1,4 @@
-"""Two-stage sampling (SPEC §6), image prior and decoding helpers."""
+"""Two-stage sampling (docs/method.md#inference), image prior and decoding helpers."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ def _video_record(i: int, rng: np.random.Generator) -> SampleRecord:
 
 def _write_shard(root: Path, kind: str, index: int, ok: list[SampleRecord], failed: list[tuple[str, str]],
                  commit: bool = True) -> None:
-    """One shard in the SPEC §1 layout: tar, status parquet, and (if committed) the stats json."""
+    """One shard as in docs/shard-format.md: tar, status parquet, and (if committed) the stats json."""
     d = root / kind
     d.mkdir(parents=True, exist_ok=True)
     name = f"{index:06d}"

@@ -54,7 +54,7 @@ def test_good_videos_decode_to_the_selected_frames(decoder, synthetic, video_cfg
         assert np.all(np.diff(meta["frame_indices"]) == meta["stride"])
         crop = cover_crop(*truth["size"], 128, 64)
         assert meta["crop_box"] == list(crop.box)
-        # SPEC §2 literally: whole frames resized to cover 128x64, then centre-cropped
+        # docs/method.md#prep literally: whole frames resized to cover 128x64, then centre-cropped
         ref = resize_cover(reference_frames(row["video"], meta["frame_indices"]), 128, 64)
         # decord and PyAV share ffmpeg's decoders; only the YUV->RGB rounding may differ
         assert np.abs(d.pixels.astype(int) - ref.astype(int)).mean() < 2.0

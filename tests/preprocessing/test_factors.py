@@ -1,4 +1,4 @@
-"""Motion factors and the appearance matrix (SPEC §2, paper §3.3 / Eq. 3)."""
+"""Motion factors and the appearance matrix (docs/method.md#prep, paper §3.3 / Eq. 3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Frame selection (SPEC §2) and resize-to-cover + centre-crop geometry."""
+"""Frame selection (docs/method.md#prep) and resize-to-cover + centre-crop geometry."""
 
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ def grads_check(data: str, out: Path, stage: int) -> None:
 
 def decay_check(data: str, out: Path, mode: str) -> None:
     # AdamW ignores a constant gradient scale except through epsilon and global-norm clipping
-    # (SPEC §5): both are switched off so that only the decay mode itself can move the update.
+    # (docs/method.md#decay): both are off so that only the decay mode itself can move the update.
     tr = trainer(
         data, out / f"decay_{mode}", f"optim.grad_decay_mode={mode}", "optim.eps=1.0e-30", "optim.grad_clip=0"
     )

@@ -48,7 +48,7 @@ def reference_grads(folder: Path, cfg: TrainConfig, decay: float) -> dict[str, t
         gen.set_state(inp["generator"])
         video = inp["role"] == "video"
         extra = {}
-        if video:  # SPEC §3: the spatial prior is the clip's middle frame latent, F // 2
+        if video:  # docs/method.md#prior: the spatial prior is the clip's middle frame latent, F // 2
             extra = {
                 "spatial_prior": inp["latents"][:, :, 4],
                 "motion": inp["motion"],
