@@ -113,6 +113,10 @@ def build(args: argparse.Namespace, work: Path) -> dict[str, float]:
 
             shutil.rmtree(run)
         times["train"] = run_cmd(cmd, work / "train.log")
+    if "train" in times or not (run / "export" / "unet.safetensors").is_file():
+        # a safetensors export: sampling then needs no trust in a pickled DeepSpeed checkpoint
+        cmd = [py, "-m", "training.export", "--ckpt", str(run), "--out", str(run / "export")]
+        times["export"] = run_cmd(cmd, work / "export.log")
     return times
 
 
@@ -134,14 +138,15 @@ class Probe:
         from model.sampler import Sampler
 
         torch.manual_seed(0)
-        bundle = load_for_sampling(run)
+        bundle = load_for_sampling(run / "export")
         cfg = SampleConfig(vae=str(vae), steps=steps, device="cpu", dtype="fp32")
         self.sampler = Sampler(bundle, cfg, log=lambda msg: print(msg, file=sys.stderr))
         self.stats = bundle.statistics
         if self.stats is None:
             sys.exit("the trained checkpoint carries no data statistics: this benchmark needs a current prep")
-        models = json.loads((shards / "dataset.json").read_text()).get("models", {})
-        self.semantic = SemanticModel(models.get("semantic", "tiny"))
+        # the semantic model that measured the training clips (dataset.json: the prep config)
+        models = json.loads((shards / "dataset.json").read_text())["config"]["models"]
+        self.semantic = SemanticModel(models["semantic"], models.get("semantic_checkpoint"))
         self.a, self.b = bundle.unet_cfg.appearance_a, bundle.unet_cfg.appearance_b
 
     def in_gamma_a_units(self, change: float) -> float:
