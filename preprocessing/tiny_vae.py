@@ -65,9 +65,11 @@ def _video_frames(path: Path, every: int) -> np.ndarray | None:
 
     try:
         with av.open(str(path)) as container:
+            if not container.streams.video:
+                return None  # e.g. an audio-only file in a manifest of videos
             frames = [f.to_ndarray(format="rgb24") for i, f in enumerate(container.decode(video=0))
                       if i % every == 0]
-    except (av.FFmpegError, OSError, ValueError):
+    except Exception:  # noqa: BLE001 - a broken input costs only itself: counted as unreadable
         return None
     return np.stack(frames) if frames else None
 
@@ -78,7 +80,7 @@ def _image_frame(path: Path) -> np.ndarray | None:
     try:
         with Image.open(path) as img:
             return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))[None]
-    except (OSError, ValueError):
+    except Exception:  # noqa: BLE001 - truncated files, decompression bombs: counted as unreadable
         return None
 
 
