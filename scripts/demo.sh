@@ -42,7 +42,8 @@ $PY -m model.sample --config configs/sample/tiny.yaml --ckpt "$OUT/run" \
   --appearance 1.0 --steps 10 --seed 0 --gif vae="$OUT/vae"
 
 step "7/8 a short configs/train/control.yaml run, sampled at 5 γm and 5 γa levels; 3x3 grid"
-# The full recipe (1200 steps) is bench/controllability.py's; the demo trains a quarter of it.
+# The full recipe (1200 steps, ~10 min) is bench/controllability.py's; the demo trains a quarter
+# of it: enough for the falling loss and decoded pictures, not yet for γm to steer the motion.
 $PY bench/controllability.py --work "$OUT/control" --vae "$OUT/vae" --shards "$OUT/shards" \
   --max-steps 300 --seeds 2 || echo "(a 300-step run need not meet the full run's targets)"
 
