@@ -19,7 +19,9 @@ class ModelConfig:
     # Frozen text encoder for captions without `.text.npy` and for the empty caption of text
     # dropout. null: precomputed tokens only (then diffusion.text_dropout must be 0).
     text: str | None = "ViT-H-14:laion2b_s32b_b79k"
-    vae: str = "stabilityai/stable-diffusion-2-1"  # recorded for sampling; training reads latents
+    # Recorded for sampling (training reads latents); `auto` takes the prep's models.vae from
+    # dataset.json. Any other value must equal it.
+    vae: str = "stabilityai/stable-diffusion-2-1"
     init: str | None = None  # optional safetensors state dict to start from (e.g. SD 2.1 mapped)
 
     def __post_init__(self) -> None:

@@ -67,6 +67,12 @@ def check_dataset(cfg: TrainConfig, dataset: dict[str, Any], roles: set[str]) ->
     """Facts stated on both sides (prep config in dataset.json, training config) must agree."""
     out = dataset.get("output_config") or {}
     models = out.get("models") or {}
+    if cfg.model.vae == "auto":
+        # The data says which VAE its latents live in; record that one for sampling.
+        if not models.get("vae"):
+            raise DataError("model.vae=auto but dataset.json names no models.vae; set model.vae to the "
+                            "VAE the shards were encoded with")
+        cfg.model.vae = models["vae"]
     if models.get("vae") not in (None, cfg.model.vae):
         raise _disagree(
             "models.vae",

@@ -175,7 +175,7 @@ from training.config import TrainConfig
 from training.optim import deepspeed_config, make_optimizer, make_scheduler
 from safetensors.torch import save_file
 out = sys.argv[1]
-cfg = load_config(TrainConfig, sys.argv[2], ["deepspeed.zero_stage=2"])
+cfg = load_config(TrainConfig, sys.argv[2], ["deepspeed.zero_stage=2", "model.vae=tiny"])
 cfg.statistics = json.loads(sys.argv[3])  # as training copies them from dataset.json
 setup.init_distributed()
 unet = setup.build_unet(cfg, 0)

@@ -163,9 +163,13 @@ def test_dataset_json_disagreeing_with_the_config_stops_before_training(tmp_path
 
     msg = fails({"output_config.video.frames": 16})
     assert "video.frames=16" in msg and "unet.frames=8" in msg and "set unet.frames=16" in msg
-    msg = fails({"output_config.models.vae": "stabilityai/stable-diffusion-2-1"})
+    msg = fails({"output_config.models.vae": "stabilityai/stable-diffusion-2-1"}, "model.vae=tiny")
     assert "models.vae='stabilityai/stable-diffusion-2-1'" in msg and "model.vae='tiny'" in msg
     assert "set model.vae=stabilityai/stable-diffusion-2-1" in msg
+    # model.vae=auto (tiny.yaml) records the prep's VAE; it needs dataset.json to name one.
+    assert cfg.model.vae == "tiny" and load_config(TrainConfig, TINY).model.vae == "auto"
+    msg = fails({"output_config.models.vae": None})
+    assert "model.vae=auto" in msg and "names no models.vae" in msg
     msg = fails({}, "unet.context_dim=32")  # the shards hold 64-wide text tokens
     assert "unet.context_dim=32" in msg and "set unet.context_dim=64" in msg
     msg = fails({}, "model.text=ViT-H-14:laion2b_s32b_b79k")
