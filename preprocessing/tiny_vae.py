@@ -25,25 +25,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.encoders import TINY_VAE_CONFIG
 from preprocessing.transform import resize_cover
 
-# SD's layout (8x downsampling in 4 blocks, 4 latent channels), narrow enough to train on a CPU
-# in minutes; wider than core.encoders' random `tiny` VAE so colours and edges come back sharp.
-VAE_CONFIG = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(8, 16, 32, 32),
-    layers_per_block=1,
-    latent_channels=4,
-    # One group: GroupNorm over all channels and pixels keeps the channels' relative levels,
-    # i.e. the colour of flat regions. With one channel per group (8 groups of 8 channels) a
-    # flat frame normalises to zeros and colours come back wrong.
-    norm_num_groups=1,
-    sample_size=64,
-    mid_block_add_attention=False,  # cheaper on a CPU; the frames need no global context
-)
+# core.encoders' `tiny` layout (SD's 8x downsampling in 4 blocks, 4 latent channels), changed
+# where training on a CPU needs it. One norm group: GroupNorm over all channels and pixels keeps
+# the channels' relative levels, i.e. the colour of flat regions; with one channel per group
+# a flat frame normalises to zeros and colours come back wrong. No mid-block attention: cheaper
+# on a CPU, and the frames need no global context. `scaling_factor` is fitted below.
+VAE_CONFIG = {k: v for k, v in TINY_VAE_CONFIG.items() if k != "scaling_factor"}
+VAE_CONFIG.update(norm_num_groups=1, mid_block_add_attention=False)
 VIDEO_SUFFIXES = (".mp4", ".webm", ".avi", ".mkv", ".mov")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 KL_WEIGHT = 1e-6
