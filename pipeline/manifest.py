@@ -64,6 +64,9 @@ class ShardPlan:
     # position -> the URL to download, for rows whose stored source was redacted
     fetch_urls: dict[int, str] = field(default_factory=dict)
     roots: tuple[str, ...] = ()  # folders local rows may resolve into (`Manifest.roots`)
+    # More manifest columns of these rows, by name, as read (`Manifest.extra_names`): parquet
+    # lists stay lists, CSV values are strings. Clip spans and `manifest.extra_columns` read here.
+    columns: dict[str, list[Any]] = field(default_factory=dict)
 
 
 class SeenSources:
@@ -137,6 +140,8 @@ class Manifest:
             )
         self.format = formats.pop()
         self.source_column, self.caption_column = self._columns()
+        # More columns each shard task needs (clip spans, `manifest.extra_columns`), in order.
+        self.extra_names: list[str] = []
         self.rows_streamed: dict[str, int] = {}  # per file, once `batches()` has read it whole
 
     def file_records(self) -> list[dict[str, Any]]:
@@ -250,13 +255,16 @@ class Manifest:
 
     def batches(self) -> Iterator[tuple[list[str | None], list[Any]]]:
         """(sources as stored, captions) in manifest order, one Arrow batch at a time."""
-        for sources, captions, _ in self.resolved_batches():
+        for sources, captions, _, _ in self.resolved_batches():
             yield sources, captions
 
-    def resolved_batches(self) -> Iterator[tuple[list[str | None], list[Any], dict[int, str]]]:
-        """(sources as stored, captions, {position in batch: URL to download}) in manifest order;
-        the dict holds only the rows whose stored source had something redacted."""
-        columns = (self.source_column, self.caption_column)
+    def resolved_batches(
+        self,
+    ) -> Iterator[tuple[list[str | None], list[Any], dict[int, str], dict[str, list[Any]]]]:
+        """(sources as stored, captions, {position in batch: URL to download}, {extra column:
+        values}) in manifest order; the dict of URLs holds only the rows whose stored source had
+        something redacted, the extra columns are `extra_names`."""
+        columns = (self.source_column, self.caption_column, *self.extra_names)
         params = self.cfg.redact_query_params
         for path in self.files:
             dataset = self._dataset(path, columns)
@@ -279,8 +287,9 @@ class Manifest:
                     ]
                     stored = [s if s is None else redact_url(s, params) for s in resolved]
                     secret = {i: r for i, (r, s) in enumerate(zip(resolved, stored)) if r != s}
+                    extra = {name: batch.column(2 + i).to_pylist() for i, name in enumerate(self.extra_names)}
                     rows += len(resolved)
-                    yield stored, batch.column(1).to_pylist(), secret
+                    yield stored, batch.column(1).to_pylist(), secret, extra
             except pa.ArrowException as exc:
                 raise ManifestError(f"manifest {self._display(path)} cannot be read: {exc}") from exc
             self.rows_streamed[path] = rows
@@ -293,7 +302,8 @@ class ShardPlanner:
         self.manifest = manifest
         self.size = samples_per_shard
 
-    def _plan(self, index: int, sources: list, captions: list, secret: dict[int, str]) -> ShardPlan:
+    def _plan(self, index: int, sources: list, captions: list, secret: dict[int, str],
+              columns: dict[str, list[Any]]) -> ShardPlan:
         first = index * self.size
         fetch_urls = {r - first: secret[r] for r in range(first, first + len(sources)) if r in secret}
         return ShardPlan(
@@ -304,22 +314,28 @@ class ShardPlanner:
             captions,
             fetch_urls=fetch_urls,
             roots=self.manifest.roots,
+            columns=columns,
         )
 
     def run(self) -> Iterator[ShardPlan]:
         index, sources, captions = 0, [], []
+        extra: dict[str, list[Any]] = {name: [] for name in self.manifest.extra_names}
         secret: dict[int, str] = {}  # manifest row -> URL to download (redacted rows only)
         row = 0  # manifest row of sources[0]
-        for batch_sources, batch_captions, batch_secret in self.manifest.resolved_batches():
+        for batch_sources, batch_captions, batch_secret, batch_extra in self.manifest.resolved_batches():
             secret.update({row + len(sources) + i: url for i, url in batch_secret.items()})
             sources.extend(batch_sources)
             captions.extend(batch_captions)
+            for name, values in batch_extra.items():
+                extra[name].extend(values)
             start = 0
             while len(sources) - start >= self.size:
                 end = start + self.size
-                yield self._plan(index, sources[start:end], captions[start:end], secret)
+                columns = {name: values[start:end] for name, values in extra.items()}
+                yield self._plan(index, sources[start:end], captions[start:end], secret, columns)
                 start, index = end, index + 1
             sources, captions, row = sources[start:], captions[start:], row + start
+            extra = {name: values[start:] for name, values in extra.items()}
             secret = {r: url for r, url in secret.items() if r >= row}
         if sources:
-            yield self._plan(index, sources, captions, secret)
+            yield self._plan(index, sources, captions, secret, extra)

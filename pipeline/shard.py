@@ -96,18 +96,19 @@ class RowFlow:
         source = plan.sources[pos] or ""
         caption = plan.captions[pos]
         caption = None if caption is None else str(caption)
+        fields = dict(shard=plan.index, row=plan.first_row + pos)
         if res[0] == "kept":
             for old_key, members in self.old_samples:
                 if old_key == key:
-                    writer.add_ok(key, source, caption, members)
+                    writer.add_ok(key, source, caption, members, **fields)
                     return
             raise RuntimeError(
                 f"{plan.kind}/{plan.index:06d}: sample {key} is in the status table but not the tar"
             )
         if res[0] == "ok":
-            writer.add_ok(res[1], source, caption, res[2])
+            writer.add_ok(res[1], source, caption, res[2], **fields)
         else:
-            writer.add_failed(key, source, caption, res[1], redact_text(res[2], self.redact_params))
+            writer.add_failed(key, source, caption, res[1], redact_text(res[2], self.redact_params), **fields)
 
     def drain(self) -> None:
         if self.batch:

@@ -20,11 +20,22 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from core.shards import FORMAT_VERSION, STATUS_COLUMNS, ShardError, iter_samples, shard_name, split_name
+from core.shards import FORMAT_VERSION, STATUS_FIELDS, ShardError, iter_samples, shard_name, split_name
 from pipeline.statistics import FactorLog
 from pipeline.storage import OutputStore, json_bytes
 
-STATUS_SCHEMA = pa.schema([(name, pa.string()) for name in STATUS_COLUMNS])
+STATUS_SCHEMA = pa.schema([(name, getattr(pa, type_name)()) for name, type_name in STATUS_FIELDS])
+
+
+def status_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """The status parquet: the fixed columns typed as `STATUS_FIELDS`, then any other fields
+    the rows carry (manifest extra columns), typed by Arrow from their values."""
+    extra = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in STATUS_SCHEMA.names]
+    columns = {name: pa.array([r.get(name) for r in rows], type=STATUS_SCHEMA.field(name).type)
+               for name in STATUS_SCHEMA.names}
+    for name in extra:
+        columns[name] = pa.array([r.get(name) for r in rows])
+    return pa.table(columns)
 Members = list[tuple[str, bytes]]
 
 
@@ -56,18 +67,24 @@ class ShardWriter:
         self.sample_bytes = 0
         self.factors = FactorLog()  # per-clip factors for dataset.json's statistics
 
-    def add_ok(self, key: str, source: str, caption: str, members: Members) -> None:
+    def add_ok(self, key: str, source: str, caption: str, members: Members, **fields: Any) -> None:
+        """`fields`: more status columns of this row (`STATUS_FIELDS` past `detail`, extras)."""
         for name, data in members:
             self._tar.addfile(tar_info(name, len(data)), io.BytesIO(data))
             self.sample_bytes += len(data)
         self.factors.add(members)
         self.ok += 1
-        self.rows.append(dict(key=key, source=source, caption=caption, status="ok", reason=None, detail=None))
+        self.rows.append(
+            dict(fields, key=key, source=source, caption=caption, status="ok", reason=None, detail=None)
+        )
 
-    def add_failed(self, key: str, source: str, caption: str, reason: str, detail: str) -> None:
+    def add_failed(
+        self, key: str, source: str, caption: str, reason: str, detail: str, **fields: Any
+    ) -> None:
         self.reasons[reason] += 1
         self.rows.append(
-            dict(key=key, source=source, caption=caption, status="failed", reason=reason, detail=detail)
+            dict(fields, key=key, source=source, caption=caption, status="failed", reason=reason,
+                 detail=detail)
         )
 
     def abort(self) -> None:
@@ -82,7 +99,7 @@ class ShardWriter:
         self._tar.close()
         self._file.close()
         tar_bytes = self.store.fs.size(self.tmp_tar)
-        table = pa.Table.from_pylist(self.rows, schema=STATUS_SCHEMA)
+        table = status_table(self.rows)
         buf = io.BytesIO()
         pq.write_table(table, buf)
         tmp_parquet = self.store.tmp_path(f"{self.kind}-{self.name}.parquet")

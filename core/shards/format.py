@@ -39,7 +39,27 @@ REASONS = (
     "opted_out",  # ... the server's X-Robots-Tag forbids this use (noai, ...)
 )
 
-STATUS_COLUMNS = ("key", "source", "caption", "status", "reason", "detail")
+# The status parquet, one row per sample (a clip of a manifest row, or the row itself): name ->
+# Arrow type name. Columns past `detail` are null where unknown (a failed row has no motion).
+# `pipeline.config.ManifestConfig.extra_columns` add manifest columns after these, as read.
+STATUS_FIELDS = (
+    ("key", "string"),
+    ("source", "string"),
+    ("caption", "string"),
+    ("status", "string"),
+    ("reason", "string"),
+    ("detail", "string"),
+    ("shard", "int64"),  # shard index
+    ("row", "int64"),  # manifest row (of the concatenated manifest)
+    ("clip_start", "float64"),  # clip span in seconds, where the row has spans
+    ("clip_end", "float64"),
+    ("motion_mean", "float64"),  # mean raw motion factor of the clip
+    ("appearance_factor", "float64"),  # first-to-last DINO similarity of the clip
+    ("width", "int64"),  # source frame size
+    ("height", "int64"),
+    ("duration", "float64"),  # source duration in seconds
+)
+STATUS_COLUMNS = tuple(name for name, _ in STATUS_FIELDS)
 
 
 class SampleError(Exception):

@@ -9,9 +9,12 @@ import tarfile
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from core.config import ConfigError, load_config
+from core.shards import STATUS_COLUMNS
 from pipeline.config import PrepConfig, prep_fingerprint
 from pipeline.fetch import Fetcher
 from pipeline.manifest import Manifest, ManifestError, ShardPlanner
@@ -124,10 +127,11 @@ class RecordingStore(OutputStore):
 def _write(store: OutputStore) -> dict:
     writer = ShardWriter(store, "videos", 3)
     writer.add_ok(
-        "k1", "/a.mp4", "cap a", [("k1.json", b"{}"), ("k1.latents.npy", b"\x00" * 100), ("k1.txt", b"a")]
+        "k1", "/a.mp4", "cap a", [("k1.json", b"{}"), ("k1.latents.npy", b"\x00" * 100), ("k1.txt", b"a")],
+        shard=3, row=10,
     )
-    writer.add_failed("k2", "/b.mp4", "cap b", "decode_error", "/b.mp4: broken")
-    writer.add_ok("k3", "/c.mp4", "cap c", [("k3.json", b"{}"), ("k3.txt", b"c")])
+    writer.add_failed("k2", "/b.mp4", "cap b", "decode_error", "/b.mp4: broken", shard=3, row=11)
+    writer.add_ok("k3", "/c.mp4", "cap c", [("k3.json", b"{}"), ("k3.txt", b"c")], shard=3, row=12)
     return writer.commit({"seconds": 1.0})
 
 
@@ -142,7 +146,10 @@ def test_writer_is_deterministic_and_commits_json_last(tmp_path):
     assert [i.name for i in infos] == ["k1.json", "k1.latents.npy", "k1.txt", "k3.json", "k3.txt"]
     assert {(i.mtime, i.uid, i.gid, i.uname, i.gname, i.mode) for i in infos} == {(0, 0, 0, "", "", 0o444)}
     status = pd.read_parquet(tmp_path / "one" / "videos" / "000003.parquet")
-    assert status.columns.tolist() == ["key", "source", "caption", "status", "reason", "detail"]
+    assert status.columns.tolist() == list(STATUS_COLUMNS)  # the typed columns, in order
+    schema = pq.read_schema(tmp_path / "one" / "videos" / "000003.parquet")
+    assert schema.field("row").type == pa.int64() and schema.field("motion_mean").type == pa.float64()
+    assert status.row.tolist() == [10, 11, 12] and status.shard.tolist() == [3, 3, 3]
     assert status.status.tolist() == ["ok", "failed", "ok"] and status.reason[1] == "decode_error"
     on_disk = json.loads((tmp_path / "one" / "videos" / "000003.json").read_text())
     assert on_disk["ok"] == stats[0]["ok"] == 2 and on_disk["reasons"] == {"decode_error": 1}
