@@ -142,7 +142,14 @@ class Manifest:
         self.source_column, self.caption_column = self._columns()
         # More columns each shard task needs (clip spans, `manifest.extra_columns`), in order.
         self.extra_names: list[str] = []
+        self.extra_names.extend(self._filter_columns())
         self.rows_streamed: dict[str, int] = {}  # per file, once `batches()` has read it whole
+
+    def _filter_columns(self) -> list[str]:
+        """Columns of `manifest.extra_columns` and `manifest.filter` (checked: pipeline/filters.py)."""
+        from pipeline.filters import manifest_columns
+
+        return manifest_columns(self)
 
     def file_records(self) -> list[dict[str, Any]]:
         """Path, size, ETag or mtime, and row count (parquet footers; CSV/JSONL once streamed) of

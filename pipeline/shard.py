@@ -33,6 +33,7 @@ from core.shard_format import SampleError, sample_key
 from pipeline.config import PrepConfig
 from pipeline.encode_clients import ActorEncode, LocalEncode, Result
 from pipeline.fetch import Fetcher, is_remote
+from pipeline.filters import ShardFilters
 from pipeline.manifest import ShardPlan
 from pipeline.storage import OutputStore
 from pipeline.untrusted import SourcePolicy, redact_text
@@ -56,6 +57,7 @@ class RowFlow:
         self.batch: list[tuple[int, Any]] = []
         self.in_flight: deque = deque()
         self.timing = dict(fetch_s=0.0, decode_s=0.0, encode_s=0.0, write_s=0.0)
+        self.filters: ShardFilters | None = None  # motion filters, extra columns (pipeline/filters.py)
 
     def settle(self, pos: int, res: Result) -> None:
         self.resolved[pos] = res
@@ -97,6 +99,9 @@ class RowFlow:
         caption = plan.captions[pos]
         caption = None if caption is None else str(caption)
         fields = dict(shard=plan.index, row=plan.first_row + pos)
+        if self.filters is not None:
+            fields.update(self.filters.extra(pos))
+            res = self.filters.check_result(res, source)
         if res[0] == "kept":
             for old_key, members in self.old_samples:
                 if old_key == key:
@@ -143,9 +148,11 @@ class ShardTask:
         from preprocessing.process import Decoder
 
         threads = max(1, int(self.cfg.execution.cpus_per_worker))
-        key = (self.cfg.video, self.cfg.image, threads)
+        limits = self.cfg.filter.source_request()
+        key = (self.cfg.video, self.cfg.image, threads, str(limits))
         return WORKER_CACHE.get(
-            "decoder", key, lambda: Decoder(self.cfg.video, self.cfg.image, decode_threads=threads)
+            "decoder", key,
+            lambda: Decoder(self.cfg.video, self.cfg.image, decode_threads=threads, source_filter=limits),
         )
 
     def _batch_samples(self, kind: str) -> int:
@@ -218,6 +225,8 @@ class ShardTask:
         kind = "video" if plan.kind == "videos" else "image"
         kept_keys = self._kept(plan) if retry else set()
         keys, settled = self._triage(plan, kept_keys)
+        filters = ShardFilters(self.cfg, plan.columns)
+        settled.update(filters.rejected(plan))  # manifest.filter: `filtered` rows, before any work
         if retry:  # un-commit first: a crash while rewriting leaves a shard that is redone whole
             self.store.remove([self.store.shard_path(plan.kind, plan.index, "json")])
         old_samples = iter_tar_samples(self.store, plan.kind, plan.index) if retry else iter(())
@@ -229,6 +238,7 @@ class ShardTask:
         flow = RowFlow(plan, keys, settled, encode, writer, old_samples, self._batch_samples(kind),
                        tuple(self.cfg.manifest.redact_query_params))
         timing = flow.timing
+        flow.filters = filters
         try:
             sources = [
                 None if pos in settled else plan.fetch_urls.get(pos, s) for pos, s in enumerate(plan.sources)
@@ -252,6 +262,7 @@ class ShardTask:
                     if isinstance(decoded, tuple):
                         flow.settle(pos, decoded)
                     else:
+                        filters.annotate(decoded, pos)  # KEY.json `extra`
                         flow.add(pos, decoded, self.cfg.execution.batches_in_flight)
                 flow.flush()
             flow.drain()

@@ -98,10 +98,13 @@ def read_local(source: str) -> bytes:
 class Decoder:
     """File -> `Decoded`. Videos decode in an isolated, recycled child process."""
 
-    def __init__(self, video: VideoConfig, image: ImageConfig, decode_threads: int = 0):
+    def __init__(self, video: VideoConfig, image: ImageConfig, decode_threads: int = 0,
+                 source_filter: dict[str, float] | None = None):
         self.video = video
         self.image = image
         self._videos = VideoDecoderProcess(video, threads=decode_threads)
+        # size/duration filters (`FilterConfig.source_request()`), checked before frames decode
+        self.source_filter = self._videos.source_filter = source_filter
         allow_up_to(image.max_pixels)
 
     def decode(self, kind: str, source: str, caption: Any, data: bytes | None = None) -> Decoded:
@@ -113,7 +116,8 @@ class Decoder:
         if data is not None and not data:
             raise SampleError("empty_file", f"{source}: file is empty (0 bytes)")
         if kind == "image":
-            pixels, meta = load_image(source, read_local(source) if data is None else data, self.image)
+            raw = read_local(source) if data is None else data
+            pixels, meta = load_image(source, raw, self.image, self.source_filter)
             meta.update(width=self.image.width, height=self.image.height)
         else:
             if data is None:

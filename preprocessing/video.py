@@ -25,6 +25,7 @@ import numpy as np
 from core.geometry import TooShort, cover_crop, select_frames
 from preprocessing import wire
 from preprocessing.backends import READERS, import_backend
+from preprocessing.filters import duration_of, source_failure
 
 # ffmpeg demuxers that read single still images: a JPEG named .mp4 is not a video.
 _IMAGE_FORMATS = ("image2", "_pipe", "gif", "apng", "webp")
@@ -189,11 +190,22 @@ def _limit_memory(memory_mb: int, baseline: int = 0) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard if hard != resource.RLIM_INFINITY else limit))
 
 
+def _filter(limits: dict[str, float] | None, width: int | None = None, height: int | None = None,
+            duration: float | None = None) -> None:
+    """`filter.*` size/duration limits (preprocessing/filters.py) as a DecodeFailure."""
+    failure = source_failure(limits, width, height, duration)
+    if failure is not None:
+        raise DecodeFailure(*failure)
+
+
 def _answer(sock, frames_out: wire.SharedFrames, req: dict[str, Any], data: bytes | None) -> None:
     try:
         reader, indices, meta = open_clip(req["source"], data, req["key"], req)
+        limits = req.get("filter")
+        _filter(limits, duration=duration_of(meta["num_source_frames"], meta["native_fps"]))
         if req.get("probe_only"):  # a GPU decoder in the encoder actor decodes these frames
             size = probe(req["source"], data)
+            _filter(limits, size["width"], size["height"])
             crop = cover_crop(size["width"], size["height"], req["width"], req["height"])
             shape = [len(indices), crop.src_h, crop.src_w, 3]
             wire.send(sock, {"ok": True, "shape": shape, "probe_only": True,
@@ -202,6 +214,7 @@ def _answer(sock, frames_out: wire.SharedFrames, req: dict[str, Any], data: byte
         crop, done = None, 0
         for chunk in decode_chunks(reader, indices, req["source"], data, req.get("decoder") or "decord"):
             if crop is None:  # frame size from the first decoded chunk: no separate probe
+                _filter(limits, chunk.shape[2], chunk.shape[1])  # before the other chunks decode
                 crop = cover_crop(chunk.shape[2], chunk.shape[1], req["width"], req["height"])
                 x0, y0, x1, y1 = send_region(crop)
                 shape = (len(indices), y1 - y0, x1 - x0, 3)

@@ -37,6 +37,13 @@ REASONS = (
     "forbidden_path",  # untrusted manifests (docs/untrusted.md): a protocol or folder not allowed
     "blocked_address",  # ... an internal network address (http.blocked_networks)
     "opted_out",  # ... the server's X-Robots-Tag forbids this use (noai, ...)
+    # Rejected by the job's filters (`manifest.filter`, `filter.*`; preprocessing/filters.py)
+    "filtered",  # the row fails the manifest.filter expression
+    "too_small",  # short side under filter.min_short_side
+    "bad_aspect",  # aspect ratio over filter.max_aspect
+    "bad_duration",  # duration outside filter.min_duration_s .. filter.max_duration_s
+    "static",  # mean motion factor under filter.min_motion
+    "scene_cut",  # one frame pair's motion over filter.max_motion_jump x the clip's median
 )
 
 # The status parquet, one row per sample (a clip of a manifest row, or the row itself): name ->
