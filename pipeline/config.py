@@ -294,6 +294,7 @@ OPERATIONAL = {
 SINCE_ADDED = {
     "filter": None,
     "manifest": ("filter", "extra_columns"),
+    "video": ("split", "clip_seconds", "min_clip_s", "max_clip_s", "scene_threshold"),
 }
 
 

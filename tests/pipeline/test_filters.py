@@ -80,18 +80,22 @@ def test_motion_filters():
         ("filter.max_duration_s=1", "filter.max_duration_s"),  # below min_duration_s=2
         ("filter.max_motion_jump=1", "filter.max_motion_jump"),
         ("manifest.extra_columns=[width]", "manifest.extra_columns"),  # a status column
+        ("video.split=shots", "video.split"),
+        ("video.max_clip_s=1", "video.max_clip_s"),  # below min_clip_s=2
     ],
 )
 def test_bad_filter_config_names_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        load_config(PrepConfig, TINY, ["filter.min_duration_s=2", override])
+        load_config(PrepConfig, TINY, ["filter.min_duration_s=2", "video.min_clip_s=2", override])
 
 
 def test_fingerprint_unchanged_while_filters_are_off():
     base = load_config(PrepConfig, TINY)
     explicit = load_config(PrepConfig, TINY, ["filter.min_motion=0", "manifest.extra_columns=[]"])
     assert prep_fingerprint(explicit) == prep_fingerprint(base)
-    for override in ("filter.min_motion=0.2", "manifest.filter=punsafe < 0.5", "manifest.extra_columns=[x]"):
+    changed = ("filter.min_motion=0.2", "manifest.filter=punsafe < 0.5", "manifest.extra_columns=[x]",
+               "video.split=scenes", "video.max_clip_s=10")
+    for override in changed:
         assert prep_fingerprint(load_config(PrepConfig, TINY, [override])) != prep_fingerprint(base)
 
 
