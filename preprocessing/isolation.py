@@ -50,7 +50,9 @@ class VideoDecoderProcess:
         # Run as `python -m child_module SOCKET_FD FRAMES_FD MEMORY_MB BACKEND`. A parameter so that
         # the isolation tests can start a child that really aborts or hangs (testing.faulty_decoder).
         self.child_module = child_module
-        self.source_filter: dict[str, float] | None = None  # size/duration filters (filters.py)
+        # More fields of every request: size/duration filters (`filter`, preprocessing/filters.py),
+        # the splitting settings of the scene-scan child (`split`, preprocessing/scenes.py).
+        self.request_extra: dict[str, Any] = {}
         self.decodes_since_start = 0
         self.starts = 0  # child processes started so far (first start, crashes, recycling)
         self._proc: subprocess.Popen | None = None
@@ -153,8 +155,7 @@ class VideoDecoderProcess:
             "target_fps": cfg.target_fps, "threads": self.threads,
             "probe_only": _probe_only,
         }
-        if self.source_filter:
-            req["filter"] = self.source_filter
+        req.update(self.request_extra)
         deadline = time.monotonic() + cfg.decode_timeout_s
         try:
             try:

@@ -104,7 +104,8 @@ class Decoder:
         self.image = image
         self._videos = VideoDecoderProcess(video, threads=decode_threads)
         # size/duration filters (`FilterConfig.source_request()`), checked before frames decode
-        self.source_filter = self._videos.source_filter = source_filter
+        self.source_filter = source_filter
+        self._videos.request_extra = {"filter": source_filter} if source_filter else {}
         allow_up_to(image.max_pixels)
 
     def decode(self, kind: str, source: str, caption: Any, data: bytes | None = None) -> Decoded:

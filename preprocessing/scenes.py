@@ -142,3 +142,34 @@ def scene_split(
         reader = decord.VideoReader(source, num_threads=threads)
         n, fps, cuts = len(reader), float(reader.get_avg_fps()), []
     return split_spans(n, fps, mode, clip_seconds, min_clip_s, max_clip_s, cuts)
+
+
+SCAN_TIMEOUT_FACTOR = 10  # a scan reads the whole video: video.decode_timeout_s x this
+
+
+class SceneScanner:
+    """`split(source, data) -> Split` for `video.split` in an isolated child
+    (`preprocessing.scene_child`: the decoder child's guards, its own process). Failures are
+    `SampleError`s (`decode_error`, `timeout`, ...) naming the file, as for a clip decode."""
+
+    def __init__(self, video: Any, threads: int = 1):
+        from dataclasses import replace
+
+        from preprocessing.isolation import VideoDecoderProcess
+
+        self.video = video
+        cfg = replace(video, decode_timeout_s=video.decode_timeout_s * SCAN_TIMEOUT_FACTOR)
+        self._proc = VideoDecoderProcess(cfg, threads=threads, backend="decord",
+                                         child_module="preprocessing.scene_child")
+        self._proc.request_extra = {"split": {"mode": video.split, "threshold": video.scene_threshold}}
+
+    def split(self, source: str, data: bytes | None = None) -> Split:
+        from core.shard_format import sample_key
+
+        meta = self._proc.probe(source, sample_key(source), data)
+        v = self.video
+        return split_spans(meta["num_source_frames"], meta["native_fps"], v.split, v.clip_seconds,
+                           v.min_clip_s, v.max_clip_s, meta["cuts"])
+
+    def close(self) -> None:
+        self._proc.close()

@@ -92,3 +92,25 @@ def test_fixed_windows_and_limits():
 def test_lowres_size():
     assert lowres_size(1920, 1080) == (170, 96)
     assert lowres_size(64, 48) == (64, 48)  # never upscaled
+
+
+def test_scanner_child_splits_and_fails_bad_files(cut_videos, tmp_path):
+    from core.shard_format import SampleError
+    from preprocessing.scenes import SceneScanner
+    from preprocessing.settings import VideoConfig
+
+    scanner = SceneScanner(VideoConfig(split="scenes", max_clip_s=3.0))
+    try:
+        split = scanner.split(str(cut_videos[8]), cut_videos[8].read_bytes())  # from bytes
+        assert [round(s * 8) for s, _ in split.spans] == [0, 20, 40, 58]
+        assert split.cuts == [20, 40, 58]
+        bad = tmp_path / "bad.mp4"
+        bad.write_bytes(b"\x00garbage" * 100)
+        with pytest.raises(SampleError) as err:
+            scanner.split(str(bad))
+        assert err.value.reason == "decode_error" and str(bad) in err.value.detail
+        fixed = SceneScanner(VideoConfig(split="fixed", clip_seconds=4.0))
+        assert fixed.split(str(cut_videos[24])).spans == [(0.0, 4.0), (4.0, 8.0), (8.0, 9.0)]
+        fixed.close()
+    finally:
+        scanner.close()
