@@ -61,8 +61,16 @@ class ManifestConfig:
     allowed_protocols: list[str] = field(default_factory=lambda: list(DEFAULT_PROTOCOLS))
     # Query parameters shown as REDACTED in stored URLs and messages; keys hash the redacted URL.
     redact_query_params: list[str] = field(default_factory=lambda: list(DEFAULT_REDACT_PARAMS))
+    # Clip spans (pipeline/clips.py; Panda-70M and InternVid are detected from their columns):
+    # one clip a row (start/end columns) or a list of [start, end] per row; seconds or H:MM:SS.fff.
+    start_column: str | None = None
+    end_column: str | None = None
+    clips_column: str | None = None
+    # The video's path or URL from the row's columns, e.g. /data/internvid/{YoutubeID}.mp4.
+    source_template: str | None = None
 
     def __post_init__(self) -> None:
+        self._check_clips()
         for name in ("video_column", "image_column", "caption_column"):
             value = getattr(self, name)
             check(isinstance(value, str) and value != "", name, "must be a non-empty column name")
@@ -87,6 +95,24 @@ class ManifestConfig:
                 f"{protocol!r} is not a protocol name (write e.g. [http, https])",
             )
         check_strings(self.redact_query_params, "redact_query_params", "query parameter names")
+
+    def _check_clips(self) -> None:
+        from pipeline.clips import template_fields
+
+        for name in ("start_column", "end_column", "clips_column", "source_template"):
+            value = getattr(self, name)
+            check(value is None or (isinstance(value, str) and value.strip() != ""), name,
+                  f"must be a column name (or null), got {value!r}")
+        check((self.start_column is None) == (self.end_column is None),
+              "start_column" if self.start_column is None else "end_column",
+              "start_column and end_column go together (one clip a row); set both")
+        check(self.clips_column is None or self.start_column is None, "clips_column",
+              "set either clips_column (a list of spans a row) or start_column/end_column, not both")
+        if self.source_template is not None:
+            try:
+                template_fields(self.source_template)
+            except ValueError as exc:
+                check(False, "source_template", f"{self.source_template!r}: {exc}")
 
 
 @dataclass
@@ -255,6 +281,11 @@ OPERATIONAL = {
 }
 
 
+# Fields added after outputs existed: hashed only when set, so older outputs keep their
+# fingerprint (and resume) under the new code.
+HASHED_WHEN_SET = {"manifest": ("start_column", "end_column", "clips_column", "source_template")}
+
+
 def output_config(cfg: PrepConfig) -> dict[str, Any]:
     """The config values that determine the output (what the fingerprint hashes)."""
     data = to_dict(cfg)
@@ -264,6 +295,10 @@ def output_config(cfg: PrepConfig) -> dict[str, Any]:
         else:
             for name in fields:
                 data[section].pop(name)
+    for section, fields in HASHED_WHEN_SET.items():
+        for name in fields:
+            if data[section].get(name) is None:
+                data[section].pop(name, None)
     data["format_version"] = FORMAT_VERSION
     return data
 
