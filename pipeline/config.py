@@ -93,9 +93,17 @@ class ManifestConfig:
     # Manifest columns copied into KEY.json (`extra`) and the status table, as img2dataset's
     # save_additional_columns does.
     extra_columns: list[str] = field(default_factory=list)
+    # Clip spans (pipeline/clips.py; Panda-70M and InternVid are detected from their columns):
+    # one clip a row (start/end columns) or a list of [start, end] per row; seconds or H:MM:SS.fff.
+    start_column: str | None = None
+    end_column: str | None = None
+    clips_column: str | None = None
+    # The video's path or URL from the row's columns, e.g. /data/internvid/{YoutubeID}.mp4.
+    source_template: str | None = None
 
     def __post_init__(self) -> None:
         check_filter_fields(self)
+        self._check_clips()
         for name in ("video_column", "image_column", "caption_column"):
             value = getattr(self, name)
             check(isinstance(value, str) and value != "", name, "must be a non-empty column name")
@@ -120,6 +128,24 @@ class ManifestConfig:
                 f"{protocol!r} is not a protocol name (write e.g. [http, https])",
             )
         check_strings(self.redact_query_params, "redact_query_params", "query parameter names")
+
+    def _check_clips(self) -> None:
+        from pipeline.clips import template_fields
+
+        for name in ("start_column", "end_column", "clips_column", "source_template"):
+            value = getattr(self, name)
+            check(value is None or (isinstance(value, str) and value.strip() != ""), name,
+                  f"must be a column name (or null), got {value!r}")
+        check((self.start_column is None) == (self.end_column is None),
+              "start_column" if self.start_column is None else "end_column",
+              "start_column and end_column go together (one clip a row); set both")
+        check(self.clips_column is None or self.start_column is None, "clips_column",
+              "set either clips_column (a list of spans a row) or start_column/end_column, not both")
+        if self.source_template is not None:
+            try:
+                template_fields(self.source_template)
+            except ValueError as exc:
+                check(False, "source_template", f"{self.source_template!r}: {exc}")
 
 
 @dataclass
@@ -293,7 +319,7 @@ OPERATIONAL = {
 # existing dataset (written before they existed, i.e. with their defaults) keeps its fingerprint.
 SINCE_ADDED = {
     "filter": None,
-    "manifest": ("filter", "extra_columns"),
+    "manifest": ("filter", "extra_columns", "start_column", "end_column", "clips_column", "source_template"),
     "video": ("split", "clip_seconds", "min_clip_s", "max_clip_s", "scene_threshold"),
 }
 

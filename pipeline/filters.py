@@ -231,10 +231,11 @@ class ShardFilters:
                                                           self.row_filter.expression))
                 for pos, ok in enumerate(keep) if not ok and plan.sources[pos]}
 
-    def annotate(self, decoded: Any, pos: int) -> None:
-        """Put the row's `manifest.extra_columns` into its KEY.json (`extra`)."""
+    def annotate(self, decoded: Any, slot: int | tuple[int, int]) -> None:
+        """Put the row's `manifest.extra_columns` into the KEY.json (`extra`) of the sample in
+        writer slot `slot`: a row position, or (position, clip) for a clip of a row."""
         if self.extra_names:
-            decoded.meta["extra"] = self.extra(pos)
+            decoded.meta["extra"] = self.extra(slot[0] if isinstance(slot, tuple) else slot)
 
     def extra(self, pos: int) -> dict[str, Any]:
         """This row's `manifest.extra_columns`, as JSON values (KEY.json `extra`, status columns)."""

@@ -31,6 +31,7 @@ import pyarrow.json as pajson
 from fsspec.implementations.local import LocalFileSystem
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
+from pipeline.clips import ClipSpec
 from pipeline.config import COLUMN_ALIASES, ManifestConfig
 from pipeline.storage import url_to_fs
 from pipeline.untrusted import configured_roots, default_roots, redact_text, redact_url
@@ -67,6 +68,7 @@ class ShardPlan:
     # More manifest columns of these rows, by name, as read (`Manifest.extra_names`): parquet
     # lists stay lists, CSV values are strings. Clip spans and `manifest.extra_columns` read here.
     columns: dict[str, list[Any]] = field(default_factory=dict)
+    clips: ClipSpec = field(default_factory=ClipSpec)  # how the rows name clips (`Manifest.clips`)
 
 
 class SeenSources:
@@ -104,11 +106,9 @@ class SeenSources:
         self.digests, self.rows, self.pending = digests[order], rows[order], {}
 
     def mark(self, plan: ShardPlan) -> ShardPlan:
-        from core.shard_format import sample_key
-
         for pos, source in enumerate(plan.sources):
             if source:
-                first = self.first_row(sample_key(source), plan.first_row + pos)
+                first = self.first_row(plan.clips.identity(source, plan.columns, pos), plan.first_row + pos)
                 if first is not None:
                     plan.duplicate_of[pos] = first
         return plan
@@ -139,10 +139,15 @@ class Manifest:
                 f"manifest {url} mixes formats {sorted(formats)}; use one format per manifest"
             )
         self.format = formats.pop()
+        self.clips = ClipSpec()  # clip spans and source template (pipeline/clips.py), by _columns
         self.source_column, self.caption_column = self._columns()
         # More columns each shard task needs (clip spans, `manifest.extra_columns`), in order.
-        self.extra_names: list[str] = []
-        self.extra_names.extend(self._filter_columns())
+        self.extra_names: list[str] = [
+            c for c in self.clips.columns() if c not in (self.source_column, self.caption_column)
+        ]
+        self.extra_names.extend(c for c in self._filter_columns() if c not in self.extra_names)
+        if cfg.allowed_roots is None and self.local:
+            self.roots = tuple(dict.fromkeys(self.roots + self.clips.roots()))
         self.rows_streamed: dict[str, int] = {}  # per file, once `batches()` has read it whole
 
     def _filter_columns(self) -> list[str]:
@@ -227,18 +232,23 @@ class Manifest:
             names = set(self._dataset(first).schema.names)
         except pa.ArrowException as exc:
             raise ManifestError(f"manifest {self._display(first)} cannot be read: {exc}") from exc
-        chosen = []
-        for field_name in (KIND_COLUMN[self.kind], "caption_column"):
-            wanted = getattr(self.cfg, field_name)
-            found = next((c for c in (wanted, *COLUMN_ALIASES[field_name]) if c in names), None)
-            if found is None:
-                columns = ", ".join(sorted(names))
-                raise ManifestError(
-                    f"manifest {self._display(first)} has no column {wanted!r} (columns: {columns}); "
-                    f"set manifest.{field_name}=NAME to the right column"
-                )
-            chosen.append(found)
-        return chosen[0], chosen[1]
+        self.clips = ClipSpec.detect(self.kind, self.cfg, names, self._display(first))
+        if self.clips.template is not None:  # the source comes from the template, not a column
+            caption = self._column(names, "caption_column", self.clips.caption_column, first)
+            return self.clips.fields[0], caption
+        source = self._column(names, KIND_COLUMN[self.kind], self.clips.source_column, first)
+        return source, self._column(names, "caption_column", self.clips.caption_column, first)
+
+    def _column(self, names: set[str], field_name: str, override: str | None, first: str) -> str:
+        wanted = override or getattr(self.cfg, field_name)
+        found = next((c for c in (wanted, *COLUMN_ALIASES[field_name]) if c in names), None)
+        if found is None:
+            columns = ", ".join(sorted(names))
+            raise ManifestError(
+                f"manifest {self._display(first)} has no column {wanted!r} (columns: {columns}); "
+                f"set manifest.{field_name}=NAME to the right column"
+            )
+        return found
 
     def _resolve(self, base: str, value: Any) -> str | None:
         if value is None:
@@ -253,6 +263,12 @@ class Manifest:
         if self.local:
             return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(base)), value))
         return self.fs.unstrip_protocol(posixpath.join(posixpath.dirname(base), value))
+
+    def _raw_sources(self, batch: pa.RecordBatch) -> list[str | None]:
+        """The batch's sources before resolving: the source column, or the filled template."""
+        if self.clips.template is None:
+            return pc.cast(batch.column(0), pa.string()).to_pylist()
+        return [self.clips.source(values) for values in batch.select(list(self.clips.fields)).to_pylist()]
 
     def count_rows(self) -> int | None:
         """Row count when it is cheap (parquet footers); None for CSV/JSONL (would need a scan)."""
@@ -289,9 +305,7 @@ class Manifest:
                     batch_readahead=1,
                     fragment_readahead=1,
                 ):
-                    resolved = [
-                        self._resolve(path, s) for s in pc.cast(batch.column(0), pa.string()).to_pylist()
-                    ]
+                    resolved = [self._resolve(path, s) for s in self._raw_sources(batch)]
                     stored = [s if s is None else redact_url(s, params) for s in resolved]
                     secret = {i: r for i, (r, s) in enumerate(zip(resolved, stored)) if r != s}
                     extra = {name: batch.column(2 + i).to_pylist() for i, name in enumerate(self.extra_names)}
@@ -322,6 +336,7 @@ class ShardPlanner:
             fetch_urls=fetch_urls,
             roots=self.manifest.roots,
             columns=columns,
+            clips=self.manifest.clips,
         )
 
     def run(self) -> Iterator[ShardPlan]:

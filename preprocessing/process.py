@@ -108,12 +108,19 @@ class Decoder:
         self._videos.request_extra = {"filter": source_filter} if source_filter else {}
         allow_up_to(image.max_pixels)
 
-    def decode(self, kind: str, source: str, caption: Any, data: bytes | None = None) -> Decoded:
-        """Decode `source` (a local path, or any URI when `data` holds its bytes)."""
+    def decode(self, kind: str, source: str, caption: Any, data: bytes | None = None,
+               span: tuple[float, float] | None = None, keep_open: bool = False) -> Decoded:
+        """Decode `source` (a local path, or any URI when `data` holds its bytes).
+
+        `span` [start_s, end_s]: one clip of a longer video (key `sample_key(source, span)`,
+        frames inside the span, `clip` in its metadata). `keep_open`: the next call for the same
+        source reuses this open video (pass it for every clip of a video but the last)."""
         if kind not in KINDS:
             raise ValueError(f"kind must be 'video' or 'image', got {kind!r}")
+        if span is not None and kind != "video":
+            raise ValueError("clip spans apply to videos only")
         text = clean_caption(caption, source)
-        key = sample_key(source)
+        key = sample_key(source, span)
         if data is not None and not data:
             raise SampleError("empty_file", f"{source}: file is empty (0 bytes)")
         if kind == "image":
@@ -124,9 +131,9 @@ class Decoder:
             if data is None:
                 check_local(source)  # the child opens the path itself: no bytes through the pipe
             if self.video.decoder == "nvdec":  # probed here, isolated; decoded on the actor's GPU
-                pixels, meta = None, self._videos.probe(source, key, data)
+                pixels, meta = None, self._videos.probe(source, key, data, span=span)
             else:
-                pixels, meta = self._videos.decode(source, key, data)
+                pixels, meta = self._videos.decode(source, key, data, span=span, keep_open=keep_open)
                 meta["decoder"] = self._videos.backend
             meta.update(
                 frames=self.video.frames, width=self.video.width, height=self.video.height,
@@ -135,6 +142,12 @@ class Decoder:
         return Decoded(key=key, kind=kind, source=source, caption=text, pixels=pixels,
                        meta={"source": source, "kind": kind, **meta},
                        data=data if pixels is None else None)
+
+    @property
+    def video_opens(self) -> int:
+        """Videos opened by the decoder children so far (their own count: one per video of a
+        row's clips, not one per clip)."""
+        return self._videos.opens
 
     def close(self) -> None:
         self._videos.close()
