@@ -37,6 +37,7 @@ from pipeline.encode_clients import ActorEncode, LocalEncode, Result
 from pipeline.fetch import Fetcher, is_remote
 from pipeline.filters import ShardFilters
 from pipeline.manifest import ShardPlan
+from pipeline.splitting import make_splitter, split_rows
 from pipeline.storage import OutputStore
 from pipeline.untrusted import SourcePolicy, redact_text
 from pipeline.worker_cache import WORKER_CACHE
@@ -277,6 +278,7 @@ class ShardTask:
         keep_heap_pages()
         kind = "video" if plan.kind == "videos" else "image"
         kept_keys = self._kept(plan) if retry else set()
+        splitter = make_splitter(self.cfg, self.store, plan, retry)  # video.split (pipeline/splitting.py)
         keys, settled, clips = self._triage(plan, kept_keys)
         filters = ShardFilters(self.cfg, plan.columns)
         for pos, res in filters.rejected(plan).items():  # manifest.filter: `filtered`, before any work
@@ -314,6 +316,7 @@ class ShardTask:
                         flow.fail_row(pos, refused)
                     flow.flush()
                     continue
+                rows = split_rows(splitter, flow, clips, plan, source, data, rows, kept_keys)
                 work = [((pos, j), clips[pos].clips[j].span, clips[pos].clips[j].caption)
                         if pos in clips else (pos, None, plan.captions[pos])
                         for pos in rows for j in (clips[pos].pending() if pos in clips else [None])]
