@@ -299,7 +299,7 @@ def _answer(sock, frames_out: wire.SharedFrames, req: dict[str, Any], data: byte
 
 
 # Failures that say nothing about the reader: the next clip of the video may use it.
-_READER_STILL_GOOD = ("bad_span", "too_short")
+_READER_STILL_GOOD = ("bad_span", "too_short", "too_small", "bad_aspect", "bad_duration")
 
 
 def _head(msg: dict[str, Any]) -> dict[str, Any]:

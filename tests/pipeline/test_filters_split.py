@@ -89,3 +89,23 @@ def test_recorded_spans():
     rows = [dict(row=10, clip_start=0.0, clip_end=2.5), dict(row=10, clip_start=2.5, clip_end=4.0),
             dict(row=11, clip_start=None, clip_end=None), dict(row=12, clip_start=1.0, clip_end=float("nan"))]
     assert recorded_spans(rows, 10) == {0: [(0.0, 2.5), (2.5, 4.0)]}
+
+
+def test_duration_filter_acts_on_each_clip_span_with_one_open(cut_video, tmp_path):
+    from pipeline.manifest import Manifest, ShardPlanner
+
+    manifest = tmp_path / "clips.parquet"
+    spans = [[0.0, 1.5], [2.5, 5.0], [5.0, 5.5], [6.0, 8.0]]
+    pd.DataFrame([{"video": str(cut_video), "caption": "scenes", "spans": spans}]).to_parquet(manifest)
+    cfg = load_config(PrepConfig, TINY, [
+        "manifest.clips_column=spans", "filter.min_duration_s=1.6", "filter.max_duration_s=2",
+        f"manifest.allowed_roots=[{cut_video.parent}]",
+    ])
+    plan = next(ShardPlanner(Manifest(str(manifest), "videos", cfg.manifest, {}), 4).run())
+    stats = ShardTask(cfg, str(tmp_path / "out"), "fp").run(plan)
+    table = pd.read_parquet(tmp_path / "out" / "videos" / "000000.parquet")
+    # the 9 s source is not what the range judges: each clip's own span is (a span too short
+    # for F frames at all stays `too_short`, the fact that comes first)
+    assert list(table.reason.fillna("ok")) == ["bad_duration", "bad_duration", "too_short", "ok"]
+    assert "1.500s" in table.detail.iloc[0] and "2.500s" in table.detail.iloc[1]
+    assert stats["video_opens"] == 1  # rejected clips do not cost a reopen
