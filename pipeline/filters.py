@@ -99,7 +99,9 @@ class RowFilter:
     def __init__(self, expression: str):
         self.expression = expression
         where = _parse(expression)
-        self.names = list(dict.fromkeys(c for n in _walk(where) if (c := _column(n))))
+        names = [c for n in _walk(where) if (c := _column(n))]
+        # DuckDB names are case-insensitive: `WIDTH` and `width` are one column of the view
+        self.names = list({c.lower(): c for c in reversed(names)}.values())[::-1]
         numeric: set[str] = set()
         for n in _walk(where):
             if n.get("class") in _CONSTRAINTS:
@@ -165,22 +167,31 @@ _SAMPLE_ROWS = 256  # rows of the first file the filter is test-evaluated on at 
 
 def manifest_columns(manifest: Any) -> list[str]:
     """The extra columns the shard tasks of `manifest` (a `pipeline.manifest.Manifest`) need for
-    `manifest.extra_columns` and `manifest.filter`, checked against its first file (later files
-    are checked as they are read: every file needs the same columns). FilterError names the
-    file and the column; a filter that does not parse or bind fails here, before any work."""
+    `manifest.extra_columns` and `manifest.filter`, checked against every file of a parquet
+    manifest (footers only) and the first file of a CSV/JSONL one (later files are checked as
+    they are read). FilterError names the file and the column; a filter that does not parse
+    or bind fails here, before any work."""
     cfg, first = manifest.cfg, manifest.files[0]
-    shown = manifest._display(first)
-    names = list(manifest._dataset(first).schema.names)
-    for column in cfg.extra_columns:
-        if column not in names:
-            raise FilterError(
-                f"manifest {shown} has no column {column!r} (named in manifest.extra_columns; "
-                f"columns: {', '.join(sorted(names))})"
-            )
+    if not cfg.extra_columns and not cfg.filter:
+        return []
+    row_filter = RowFilter(cfg.filter) if cfg.filter else None
     mapping: dict[str, str] = {}
-    if cfg.filter:
-        row_filter = RowFilter(cfg.filter)
-        mapping = row_filter.resolve(names, shown)
+    files = manifest.files if manifest.format == "parquet" else [first]
+    for path in files:
+        shown = manifest._display(path)
+        names = list(manifest._dataset(path).schema.names)
+        for column in cfg.extra_columns:
+            if column not in names:
+                raise FilterError(
+                    f"manifest {shown} has no column {column!r} (named in manifest.extra_columns; "
+                    f"columns: {', '.join(sorted(names))})"
+                )
+        if row_filter is not None:
+            # the first file decides the spelling; every file must have those very columns
+            mapping = mapping or row_filter.resolve(names, shown)
+            row_filter.resolve([c for c in names if c in mapping.values()], shown)
+    shown = manifest._display(first)
+    if row_filter is not None:
         wanted = list(dict.fromkeys(mapping.values()))
         if wanted:
             dataset = manifest._dataset(first, tuple(wanted))

@@ -171,3 +171,14 @@ def test_csv_columns_compared_with_numbers_are_numbers(tmp_path):
     row_filter = RowFilter(m.cfg.filter)
     keep = row_filter.keep(plan.columns, row_filter.resolve(list(plan.columns), "m.csv"), 3)
     assert keep == [True, False, False]  # `oops` is not a number: NULL, rejected
+
+
+def test_every_parquet_file_is_checked(tmp_path):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    pd.DataFrame([dict(URL="a.png", TEXT="x", punsafe=0.1)]).to_parquet(folder / "0.parquet")
+    pd.DataFrame([dict(URL="b.png", TEXT="y")]).to_parquet(folder / "1.parquet")
+    with pytest.raises(ManifestError) as err:
+        _manifest(folder, "manifest.filter=PUNSAFE < 0.5")
+    assert "1.parquet" in str(err.value) and "'PUNSAFE'" in str(err.value)
+    assert RowFilter("WIDTH > 1 and width < 9").names == ["WIDTH"]  # one column, as in DuckDB
