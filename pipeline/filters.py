@@ -252,12 +252,18 @@ class ShardFilters:
         """This row's `manifest.extra_columns`, as JSON values (KEY.json `extra`, status columns)."""
         return {name: _jsonable(self.columns[name][pos]) for name in self.extra_names}
 
-    def check_result(self, res: tuple, source: str) -> tuple:
-        """An encoded ("ok", key, members) row, or its `static` / `scene_cut` failure."""
+    def check_result(self, res: tuple, source: str, fields: dict[str, Any] | None = None) -> tuple:
+        """An encoded ("ok", key, members) row, or its `static` / `scene_cut` failure (then
+        `fields`, the row's status columns, gets the clip's `motion_mean`)."""
         if res[0] != "ok" or not self.cfg.motion_on:
             return res
         motion = next((data for name, data in res[2] if name.endswith(".motion.npy")), None)
         if motion is None:  # images have no motion factors
             return res
-        failure = motion_failure(self.cfg, load_npy(motion))
-        return res if failure is None else ("failed", failure[0], f"{source}: {failure[1]}")
+        factors = load_npy(motion)
+        failure = motion_failure(self.cfg, factors)
+        if failure is None:
+            return res
+        if fields is not None:
+            fields["motion_mean"] = float(factors.astype("float64").mean())
+        return ("failed", failure[0], f"{source}: {failure[1]}")

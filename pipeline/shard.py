@@ -129,7 +129,7 @@ class RowFlow:
         plan, writer = self.plan, self.writer
         caption = None if caption is None else str(caption)
         if self.filters is not None:  # filter.min_motion / max_motion_jump on the encoded clip
-            res = self.filters.check_result(res, source)
+            res = self.filters.check_result(res, source, fields)
         if res[0] == "kept":
             for old_key, members in self.old_samples:
                 if old_key == key:

@@ -79,6 +79,9 @@ def test_each_video_filter_gives_its_code(tmp_path):
     expected = {"bad_aspect": 1, "bad_duration": 2, "scene_cut": 1, "static": 1, "too_small": 1}
     assert stats["reasons"] == expected
     assert table.detail[table.reason == "scene_cut"].str.contains("frame pair 3->4").all()
+    rejected = table[table.reason.isin(["static", "scene_cut"])]
+    assert rejected.motion_mean.notna().all()  # the factors that decided it are kept
+    assert rejected.motion_mean[table.reason == "static"].iloc[0] < 0.1
 
 
 def _laion(tmp_path: Path) -> Path:
