@@ -179,3 +179,23 @@ def test_generic_clips_column_with_one_caption(media, ray_session, prep, tmp_pat
     assert set(table.caption) == {"the same words"}
     meta = pq.read_table(io.BytesIO((tmp_path / "out" / "videos" / "000000.parquet").read_bytes()))
     assert meta.num_rows == 3
+
+
+def test_remote_video_fetched_once_and_opened_once(media, media_server, ray_session, prep, tmp_path):
+    base, hits, files = media_server
+    files["a.mp4"] = (media / "a.mp4").read_bytes()
+    files["b.mp4"] = (media / "b.mp4").read_bytes()
+    spans = [("a", 1, 3), ("b", 2, 4), ("a", 6, 8), ("a", 20, 22.5)]
+    lines = [json.dumps(dict(YoutubeID=v, Start_timestamp=s, End_timestamp=e, Caption=f"remote {i}"))
+             for i, (v, s, e) in enumerate(spans)]
+    (tmp_path / "iv.jsonl").write_text("\n".join(lines) + "\n")
+    template = f"manifest.source_template={base}/files/{{YoutubeID}}.mp4"
+    # the media server is on loopback (blocked by default)
+    args = ["--videos", str(tmp_path / "iv.jsonl"), template, "http.allowed_networks=[127.0.0.1]"]
+    assert prep(*args, "--out", str(tmp_path / "out")) == 0
+    table = status(tmp_path / "out")
+    assert table.status.tolist() == ["ok"] * 4 and table.source[0] == f"{base}/files/a.mp4"
+    assert hits["/files/a.mp4"] == 1 and hits["/files/b.mp4"] == 1  # one download per video
+    assert json.loads((tmp_path / "out" / "videos" / "000000.json").read_text())["video_opens"] == 2
+    assert prep(*args, "--out", str(tmp_path / "again")) == 0
+    assert shard_bytes(tmp_path / "again") == shard_bytes(tmp_path / "out")  # a rerun: the same bytes
