@@ -7,6 +7,11 @@ once every clip has a result. `decode_groups` orders the rows to decode by sourc
 appearance first: rows naming the same video (InternVid has one row per clip) sit next to each
 other, the video is fetched once and its clips are decoded by one open reader in the decoder
 child (`keep_open`); the writer still takes rows in manifest order from its reorder buffer.
+
+Rows whose spans are found while decoding (scene splitting, `video.split`) are expanded late:
+`RowFlow.clips[pos] = RowClips(source, row_clips(spans, caption, row))`, then each clip is
+decoded with `Decoder.decode(..., span=clip.span, keep_open=<not the last>)` and settled or
+added as slot `(pos, j)`, exactly like manifest spans.
 """
 
 from __future__ import annotations

@@ -223,35 +223,37 @@ class ShardTask:
             if not source:
                 column = "video" if plan.kind == "videos" else "image"
                 settled[pos] = ("failed", "missing_file", f"manifest row {row}: the {column} column is empty")
-            elif (refused := self._allowed(policy, source)) is not None:
-                settled[pos] = refused
-            elif (ident := plan.clips.identity(source, plan.columns, pos)) in first_row or (
-                pos in plan.duplicate_of
-            ):
+                continue
+            failure = self._allowed(policy, source)
+            ident = plan.clips.identity(source, plan.columns, pos)
+            if failure is None and (ident in first_row or pos in plan.duplicate_of):
                 what = "same source and spans" if plan.clips.has_spans else "same source"
-                settled[pos] = (
-                    "failed",
-                    "duplicate",
-                    f"{source}: {what} as manifest row {plan.duplicate_of.get(pos, first_row.get(ident))}",
-                )
-            else:
+                earlier = plan.duplicate_of.get(pos, first_row.get(ident))
+                failure = ("failed", "duplicate", f"{source}: {what} as manifest row {earlier}")
+            elif failure is None:
                 first_row[ident] = row
-                if plan.clips.has_spans:
-                    self._expand(plan, pos, source, kept_keys, settled, clips)
-                elif key in kept_keys:
-                    settled[pos] = ("kept", key)
+            if plan.clips.has_spans:
+                self._expand(plan, pos, source, kept_keys, settled, clips, failure)
+            elif failure is not None:
+                settled[pos] = failure
+            elif key in kept_keys:
+                settled[pos] = ("kept", key)
         return keys, settled, clips
 
     @staticmethod
     def _expand(plan: ShardPlan, pos: int, source: str, kept_keys: set[str], settled: dict[int, Result],
-                clips: dict[int, RowClips]) -> None:
-        """Row `pos` as clips (pipeline/clips.py), or its whole-row failure."""
+                clips: dict[int, RowClips], failure: Result | None) -> None:
+        """Row `pos` as clips (pipeline/clips.py), or its whole-row failure. A row failing as a
+        whole (`failure`: forbidden, duplicate) still gets one status row per clip when its
+        spans parse, so the status table counts clips."""
         try:
-            row_clips = RowClips(source, plan.clips.clips(plan.columns, pos, plan.first_row + pos,
-                                                          plan.captions[pos]), kept_keys)
+            spans = plan.clips.clips(plan.columns, pos, plan.first_row + pos, plan.captions[pos])
+            row_clips = RowClips(source, spans, kept_keys if failure is None else set())
         except RowError as exc:
-            settled[pos] = ("failed", exc.reason, f"{source}: {exc.detail}")
+            settled[pos] = failure or ("failed", exc.reason, f"{source}: {exc.detail}")
             return
+        for j in row_clips.pending() if failure is not None else ():
+            row_clips.settle(j, failure)
         clips[pos] = row_clips
         if row_clips.done():
             settled[pos] = ("clips",)
