@@ -123,18 +123,28 @@ class Manifest:
             self.read_urls[path] = self._url(path)
             try:
                 with self.fs.open(path, "rb") as f:
-                    return pq.ParquetFile(f).metadata.num_rows
+                    meta = pq.ParquetFile(f).metadata
             except (OSError, pa.ArrowException) as exc:
                 raise ManifestError(
                     f"manifest file {self._display(path)}: its parquet footer cannot be read ({exc}); "
                     "restore or rewrite the file, or remove it from the manifest"
                 ) from exc
+            self._check_columns(path, meta.schema.to_arrow_schema().names)
+            return meta.num_rows
         if self.plan_root is None:
             return None
         from pipeline.plan_convert import conversion_url, converted_rows
 
         self.read_urls[path] = conversion_url(self.plan_root, rec, self.format)
         return converted_rows(self.read_urls[path], self.storage_options)
+
+    def _check_columns(self, path: str, names: list[str]) -> None:
+        missing = [c for c in (self.source_column, self.caption_column, *self.extra_names) if c not in names]
+        if missing:
+            raise ManifestError(
+                f"manifest {self._display(path)} has no column {missing[0]!r} "
+                "(every file of a manifest needs the same columns)"
+            )
 
     def convert(self) -> None:
         """Convert the footer-less files not converted yet (one Ray task each) and record their
@@ -162,6 +172,9 @@ class Manifest:
         by_path = dict(zip(self.files, self._records))
         for (path, _), rows in zip(todo, counts):
             by_path[path]["rows"] = rows
+            fs, target = url_to_fs(self.read_urls[path], self.storage_options)
+            with fs.open(target, "rb") as f:  # its footer: every file needs the manifest's columns
+                self._check_columns(path, pq.ParquetFile(f).schema_arrow.names)
 
     def count_rows(self) -> int | None:
         """Row count from metadata (footers, conversions); None while a file is unconverted."""

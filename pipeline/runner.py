@@ -4,7 +4,9 @@ Finalize. Each step is a small class with one `run` method.
 Why this shape (see also `pipeline/shard.py` and `pipeline/encode_clients.py`):
 - A shard is the unit of work: one Ray task per shard, at most `execution.workers` in flight.
   Shard N is rows N*S..N*S+S-1, so a task's output depends only on its rows: retries and
-  reruns are deterministic, and the driver only streams the manifest and counts.
+  reruns are deterministic. The driver plans from file metadata only (footers, sizes, ETags:
+  `pipeline/plan.py`); each shard task reads its own row ranges. CSV/JSONL are converted to
+  parquet and duplicates found by Ray tasks before dispatch (plan_convert.py, dedupe.py).
 - Decoding is CPU work inside the shard task (plus its isolated decoder child). The VAE and
   the semantic model live in encoder actors holding `execution.gpus_per_encoder` of a GPU:
   many shard tasks feed each actor and keep `batches_in_flight` batches queued there, so a

@@ -188,3 +188,10 @@ def test_signed_urls_in_a_csv_are_sealed_in_its_conversion(tmp_path, ray_session
     again.convert()
     (plan,) = [p.materialize() for p in ShardPlanner(again, 10).run()]
     assert plan.fetch_urls == {0: signed}
+
+
+def test_a_file_without_the_columns_is_named_from_its_footer(tmp_path):
+    _parts(tmp_path / "m", [3])
+    pd.DataFrame({"video": ["/v/x.mp4"]}).to_parquet(tmp_path / "m" / "part-1.parquet")
+    with pytest.raises(ManifestError, match=r"part-1\.parquet has no column 'caption'"):
+        Manifest(str(tmp_path / "m"), "videos", _cfg(), {}).file_records()
