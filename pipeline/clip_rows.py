@@ -7,6 +7,10 @@ once every clip has a result. `decode_groups` orders the rows to decode by sourc
 appearance first: rows naming the same video (InternVid has one row per clip) sit next to each
 other, the video is fetched once and its clips are decoded by one open reader in the decoder
 child (`keep_open`); the writer still takes rows in manifest order from its reorder buffer.
+(A manifest that interleaves videos row by row therefore holds encoded clips of later rows in
+that buffer until the rows before them are written: at most one shard's samples, ~0.5 MB a
+clip at 32x448x256; Panda-70M has one row per video and InternVid lists a video's clips
+together, so neither does.)
 
 Rows whose spans are found while decoding (scene splitting, `video.split`) are expanded late:
 `RowFlow.clips[pos] = RowClips(source, row_clips(spans, caption, row))`, then each clip is

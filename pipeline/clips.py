@@ -237,14 +237,21 @@ class ClipSpec:
         """Row `i` of a plan as clips; RowError when its spans or captions do not fit."""
         return row_clips(self.spans(columns, i, row), caption, row, self.list_captions)
 
-    def identity(self, source: str, columns: dict[str, list[Any]], i: int) -> str:
-        """What makes a row a repeat of an earlier one (reason `duplicate`): its source, and
-        with spans its span values too (InternVid has a row per clip of the same video)."""
+    def span_columns(self) -> list[str]:
+        return [n for n in (self.clips_column, self.start_column, self.end_column) if n]
+
+    def identity_text(self, source: str, columns: dict[str, list[Any]], i: int) -> str:
+        """What makes a row a repeat of an earlier one (reason `duplicate`; the dedupe pass
+        hashes it): its source, and with spans its span values too (InternVid has a row per
+        clip of the same video)."""
         if not self.has_spans:
-            return sample_key(source)
-        names = (self.clips_column, self.start_column, self.end_column)
-        raw = [repr(columns[name][i]) for name in names if name]
-        return sample_key(f"{source}#{'|'.join(raw)}")
+            return source
+        raw = [repr(columns[name][i]) for name in self.span_columns()]
+        return f"{source}#{'|'.join(raw)}"
+
+    def identity(self, source: str, columns: dict[str, list[Any]], i: int) -> str:
+        """`sample_key` of `identity_text`: the source's key for a plain manifest."""
+        return sample_key(self.identity_text(source, columns, i))
 
     def roots(self) -> tuple[str, ...]:
         """The folder a local absolute template points into: rows may read there by default."""

@@ -15,11 +15,19 @@ from core.shard_format import sample_key
 from pipeline.clips import Clip, RowError, parse_list, parse_spans, parse_time, row_clips
 from pipeline.config import ManifestConfig
 from pipeline.manifest import Manifest, ManifestError, ShardPlanner
+from pipeline.plan_convert import convert_file
 
 
 def plans(path, **cfg):
-    manifest = Manifest(str(path), "videos", ManifestConfig(**cfg), {})
-    return manifest, list(ShardPlanner(manifest, 2).run())
+    """The manifest and its shard plans of 2 rows, each read as a shard task reads it. CSV and
+    JSONL are converted here, as the job's Ray tasks (`Manifest.convert`) would."""
+    manifest = Manifest(str(path), "videos", ManifestConfig(**cfg), {}, plan_root=str(path.parent / "_plan"))
+    if manifest.format != "parquet":
+        manifest.file_records()  # where each conversion goes
+        for f in manifest.files:
+            convert_file(manifest.format, f, manifest.read_urls[f], {}, 1000, manifest.source_column)
+        manifest._records = None  # read the conversions' footers
+    return manifest, [p.materialize() for p in ShardPlanner(manifest, 2).run()]
 
 
 @pytest.mark.parametrize(("text", "seconds"), [

@@ -149,22 +149,27 @@ def test_retry_failed_keeps_ok_clips(panda_run, media, prep, tmp_path):
 
 def test_internvid_jsonl_with_a_template(media, ray_session, prep, tmp_path):
     clips = [("a", "00:00:01.000", "00:00:03.000"), ("b", "00:00:00.500", "00:00:02.000"),
-             ("a", "00:00:05.000", "00:00:07.250"), ("a", "00:00:01.000", "00:00:03.000")]
+             ("a", "00:00:05.000", "00:00:07.250"), ("a", "00:00:01.000", "00:00:03.000"),
+             ("b", "00:00:04.000", "00:00:06.000")]
     lines = [json.dumps(dict(YoutubeID=v, Start_timestamp=s, End_timestamp=e, Caption=f"clip {i}",
                              Aesthetic_Score=5.0, UMT_Score=0.4)) for i, (v, s, e) in enumerate(clips)]
     (tmp_path / "iv.jsonl").write_text("\n".join(lines) + "\n")  # the videos live elsewhere (media/)
     out = tmp_path / "out"
     template = f"manifest.source_template={media}/{{YoutubeID}}.mp4"
-    assert prep("--videos", str(tmp_path / "iv.jsonl"), "--out", str(out), template) == 0
+    args = ["--videos", str(tmp_path / "iv.jsonl"), "--out", str(out), template, "samples_per_shard=3"]
+    assert prep(*args) == 0
     table = status(out)
-    assert table.status.tolist() == ["ok", "ok", "ok", "failed"] and table.reason[3] == "duplicate"
-    assert table.caption.tolist()[:3] == ["clip 0", "clip 1", "clip 2"]
-    assert table.clip_start.tolist() == [1.0, 0.5, 5.0, 1.0] and table.clip_end.tolist()[2] == 7.25
+    # Rows of one video are clips, not duplicates; the same clip again (row 3, next shard) is.
+    assert table.status.tolist() == ["ok", "ok", "ok", "failed", "ok"] and table.reason[3] == "duplicate"
+    assert "manifest row 0" in table.detail[3]
+    assert table.caption.tolist() == [f"clip {i}" for i in range(5)]
+    assert table.clip_start.tolist() == [1.0, 0.5, 5.0, 1.0, 4.0] and table.clip_end.tolist()[2] == 7.25
     assert table.source.tolist()[:2] == [str(media / "a.mp4"), str(media / "b.mp4")]
     # rows 0 and 2 name video a around b: decoded together, a opened once
-    assert json.loads((out / "videos" / "000000.json").read_text())["video_opens"] == 2
+    opens = [json.loads((out / "videos" / f"00000{i}.json").read_text())["video_opens"] for i in range(2)]
+    assert opens == [2, 1]
     metas = [json.loads(s["json"]) for s in samples(out).values()]
-    assert sorted(m["clip"][0] for m in metas) == [0.5, 1.0, 5.0]
+    assert sorted(m["clip"][0] for m in metas) == [0.5, 1.0, 4.0, 5.0]
 
 
 def test_generic_clips_column_with_one_caption(media, ray_session, prep, tmp_path):

@@ -16,7 +16,8 @@ from core.config import ConfigError, load_config
 from core.shard_format import REASONS, SampleError
 from pipeline.config import PrepConfig, prep_fingerprint
 from pipeline.filters import RowFilter
-from pipeline.manifest import Manifest, ManifestError, ShardPlanner
+from pipeline.manifest import Manifest, ManifestError
+from pipeline.plan import ShardPlanner
 from preprocessing.filters import FilterConfig, motion_failure, source_failure
 from preprocessing.image import load_image
 from preprocessing.settings import ImageConfig
@@ -139,7 +140,7 @@ EXPR = "manifest.filter=punsafe < 0.5 and WIDTH >= 256 and similarity > 0.28"
 def test_filter_columns_are_read_for_the_shard_tasks(laion):
     m = _manifest(laion, EXPR, "manifest.extra_columns=[similarity, hash]")
     assert m.extra_names == ["similarity", "hash", "punsafe", "WIDTH"]
-    plan = next(ShardPlanner(m, 10).run())
+    plan = next(ShardPlanner(m, 10).run()).materialize()
     row_filter = RowFilter("punsafe < 0.5 and WIDTH >= 256 and similarity > 0.28")
     mapping = row_filter.resolve(list(plan.columns), str(laion))
     # row 1 unsafe, 2 too narrow, 3 dissimilar, 4 punsafe NULL (SQL: not true -> rejected)
@@ -166,10 +167,12 @@ def test_manifest_level_errors_name_file_and_column(laion, override, words):
 def test_csv_columns_compared_with_numbers_are_numbers(tmp_path):
     path = tmp_path / "m.csv"
     path.write_text("URL,TEXT,punsafe,tag\na.png,x,0.1,cat\nb.png,y,0.9,cat\nc.png,z,oops,dog\n")
-    m = _manifest(path, "manifest.filter=punsafe < 0.5 and tag = 'cat'")
-    plan = next(ShardPlanner(m, 10).run())
+    m = _manifest(path, "manifest.filter=punsafe < 0.5 and tag = 'cat'")  # binds on the text values
+    assert m.extra_names == ["punsafe", "tag"]
+    # a task reads CSV values as text (the parquet conversion keeps them strings)
+    columns = {"punsafe": ["0.1", "0.9", "oops"], "tag": ["cat", "cat", "dog"]}
     row_filter = RowFilter(m.cfg.filter)
-    keep = row_filter.keep(plan.columns, row_filter.resolve(list(plan.columns), "m.csv"), 3)
+    keep = row_filter.keep(columns, row_filter.resolve(list(columns), "m.csv"), 3)
     assert keep == [True, False, False]  # `oops` is not a number: NULL, rejected
 
 

@@ -17,7 +17,8 @@ from PIL import Image
 
 from core.config import load_config
 from pipeline.config import PrepConfig
-from pipeline.manifest import Manifest, ShardPlan, ShardPlanner
+from pipeline.manifest import Manifest
+from pipeline.plan import ShardPlan, ShardPlanner
 from pipeline.shard import ShardTask
 from preprocessing.synthetic import write_video
 
@@ -70,7 +71,8 @@ def test_each_video_filter_gives_its_code(tmp_path):
         write_video(path, frames, "libx264", Fraction(fps))
         sources.append(str(path))
     cfg = load_config(PrepConfig, TINY, [*FILTERS, "samples_per_shard=16"])
-    plan = ShardPlan("videos", 0, 0, sources, [f"a {n} clip" for n in VIDEOS], roots=(str(root),))
+    plan = ShardPlan("videos", 0, 0, sources=sources, captions=[f"a {n} clip" for n in VIDEOS],
+                     roots=(str(root),))
     stats = ShardTask(cfg, str(tmp_path / "out"), "fp").run(plan)
     table = _status(tmp_path / "out", "videos")
     got = dict(zip(table.source.map(lambda s: Path(s).stem), table.reason.replace({np.nan: None})))

@@ -15,7 +15,7 @@ import pytest
 
 from core.config import load_config
 from pipeline.config import PrepConfig
-from pipeline.manifest import ShardPlan
+from pipeline.plan import ShardPlan
 from pipeline.shard import ShardTask
 from pipeline.splitting import recorded_spans
 from preprocessing.synthetic import write_video
@@ -41,7 +41,8 @@ def cut_video(tmp_path_factory) -> Path:
 
 def _run(video: Path, out: Path, *overrides: str, retry: bool = False) -> pd.DataFrame:
     cfg = load_config(PrepConfig, TINY, list(overrides))
-    plan = ShardPlan("videos", 0, 0, [str(video)], ["a clip with scenes"], roots=(str(video.parent),))
+    plan = ShardPlan("videos", 0, 0, sources=[str(video)], captions=["a clip with scenes"],
+                     roots=(str(video.parent),))
     ShardTask(cfg, str(out), "fp").run(plan, retry=retry)
     return pd.read_parquet(out / "videos" / "000000.parquet")
 
@@ -92,7 +93,8 @@ def test_recorded_spans():
 
 
 def test_duration_filter_acts_on_each_clip_span_with_one_open(cut_video, tmp_path):
-    from pipeline.manifest import Manifest, ShardPlanner
+    from pipeline.manifest import Manifest
+    from pipeline.plan import ShardPlanner
 
     manifest = tmp_path / "clips.parquet"
     spans = [[0.0, 1.5], [2.5, 5.0], [5.0, 5.5], [6.0, 8.0]]
