@@ -107,8 +107,8 @@ class RowFilter:
             if n.get("class") in _CONSTRAINTS:
                 parts = [v for k, v in n.items() if k in ("left", "right", "input", "lower", "upper")]
                 if any(_is_number(p) for p in parts):
-                    numeric.update(c for p in parts if (c := _column(p)))
-        self.numeric = numeric  # columns compared with numbers: cast when the values are text
+                    numeric.update(c.lower() for p in parts if (c := _column(p)))
+        self.numeric = numeric  # columns compared with numbers (lower case): cast text values
 
     def resolve(self, available: list[str], file: str) -> dict[str, str]:
         """{name in the expression: manifest column}; FilterError naming the file and column."""
@@ -134,7 +134,7 @@ class RowFilter:
             arrays[f"c{len(arrays)}"] = pa.array(values)
             ref = f'"c{len(arrays) - 1}"'
             text = pa.types.is_string(arrays[f"c{len(arrays) - 1}"].type)
-            expr = f"TRY_CAST({ref} AS DOUBLE)" if text and name in self.numeric else ref
+            expr = f"TRY_CAST({ref} AS DOUBLE)" if text and name.lower() in self.numeric else ref
             select.append(f'{expr} AS "{name.replace(chr(34), chr(34) * 2)}"')
         arrays["__pos"] = pa.array(range(rows), pa.int64())
         select.append('"__pos"')

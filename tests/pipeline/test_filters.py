@@ -174,6 +174,8 @@ def test_csv_columns_compared_with_numbers_are_numbers(tmp_path):
     row_filter = RowFilter(m.cfg.filter)
     keep = row_filter.keep(columns, row_filter.resolve(list(columns), "m.csv"), 3)
     assert keep == [True, False, False]  # `oops` is not a number: NULL, rejected
+    mixed = RowFilter("PUNSAFE IS NOT NULL AND punsafe < 0.5")  # one column, either spelling
+    assert mixed.keep(columns, mixed.resolve(list(columns), "m.csv"), 3) == [True, False, False]
 
 
 def test_every_parquet_file_is_checked(tmp_path):
