@@ -110,6 +110,13 @@ class ShardPlan:
         self.materialized = True
         return self
 
+    def identity(self, pos: int) -> str:
+        """What makes two rows one sample (the dedupe pass compares these across the dataset):
+        the stored source's key. Clip spans extend it here, in one place."""
+        from core.shard_format import sample_key
+
+        return sample_key(self.sources[pos])
+
     def commit_fields(self) -> dict[str, Any]:
         """What the stats json records so a rerun can verify this shard: the (file, row range)
         pieces and a digest of the stored sources."""

@@ -195,3 +195,13 @@ def test_a_file_without_the_columns_is_named_from_its_footer(tmp_path):
     pd.DataFrame({"video": ["/v/x.mp4"]}).to_parquet(tmp_path / "m" / "part-1.parquet")
     with pytest.raises(ManifestError, match=r"part-1\.parquet has no column 'caption'"):
         Manifest(str(tmp_path / "m"), "videos", _cfg(), {}).file_records()
+
+
+def test_dedupe_scan_reads_its_range_in_blocks():
+    from pipeline.dedupe import split
+    from pipeline.plan import Piece
+
+    pieces = (Piece("a", "a", "/", 5, 12), Piece("b", "b", "/", 0, 4))
+    blocks = [(first, [(p.file, p.start, p.stop) for p in block]) for first, block in split(pieces, 100, 3)]
+    assert blocks == [(100, [("a", 5, 8)]), (103, [("a", 8, 11)]), (106, [("a", 11, 12), ("b", 0, 2)]),
+                      (109, [("b", 2, 4)])]
