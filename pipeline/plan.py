@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from core.shard_format import sample_key
 from pipeline.storage import url_to_fs
 from pipeline.untrusted import redact_url
 
@@ -113,8 +114,6 @@ class ShardPlan:
     def identity(self, pos: int) -> str:
         """What makes two rows one sample (the dedupe pass compares these across the dataset):
         the stored source's key. Clip spans extend it here, in one place."""
-        from core.shard_format import sample_key
-
         return sample_key(self.sources[pos])
 
     def commit_fields(self) -> dict[str, Any]:

@@ -169,6 +169,15 @@ def test_dedupe_pass_across_shards_and_files(tmp_path, ray_session):
     again = find_duplicates(m, 3)
     assert again.folder == index.folder and again.shards == index.shards
     assert sorted(os.listdir(index.folder)) == ["done.json"] + [f"shard-{i:06d}.npy" for i in range(4)]
+    # Many hash buckets and shard ranges find the same pairs (another output: no reuse).
+    m.plan_root = str(tmp_path / "_plan7")
+    spread = find_duplicates(m, 3, buckets=7)
+    assert spread.stats["buckets"] == 7 and spread.shards == index.shards
+    again = {}
+    for plan in ShardPlanner(m, 3).run():
+        plan.duplicates = spread.path(plan.index)
+        again.update({plan.first_row + pos: first for pos, first in plan.materialize().duplicate_of.items()})
+    assert again == found
 
 
 def test_signed_urls_in_a_csv_are_sealed_in_its_conversion(tmp_path, ray_session):
