@@ -1,10 +1,12 @@
 """Clips of a long video: one open per video against one open per clip (issue 14). Prints a table.
 
-    python bench/clips.py [--minutes 10] [--clips 10] [--repeats 3] [--threads 1] [--video PATH]
+    python bench/clips.py [--minutes 10] [--clips 10] [--repeats 3] [--threads 1] [--keyint 250]
+                          [--video PATH]
 
 Generates (once, cached under the temp folder) a 640x360 h264 video of `--minutes` at 30 fps
-with a keyframe every 250 frames (x264's default), made of flat frames so that generation is
-cheap (testing/long_video.py); decoding cost is dominated by seeking and by the open itself.
+with a keyframe every `--keyint` frames (250: x264's default), made of flat frames so that
+generation is cheap (testing/long_video.py). A clip's decode starts at the keyframe before its
+span, so the keyframe interval sets the decode cost that the open is compared with.
 Takes `--clips` spans of 5 s spread over the video and decodes each at the paper size
 (32 frames at 8 fps, 448x256) through the isolated decoder child, two ways:
 
@@ -34,12 +36,12 @@ from preprocessing.settings import VideoConfig  # noqa: E402
 from testing.long_video import frame_number, write_long_video  # noqa: E402
 
 
-def long_video(minutes: float) -> Path:
-    path = Path(tempfile.gettempdir()) / f"higen-bench-clips-{minutes:g}min-640x360.mp4"
+def long_video(minutes: float, keyint: int) -> Path:
+    path = Path(tempfile.gettempdir()) / f"higen-bench-clips-{minutes:g}min-640x360-g{keyint}.mp4"
     if not path.exists():
         t = time.perf_counter()
         tmp = path.with_suffix(".part.mp4")
-        write_long_video(tmp, minutes * 60, fps=30, size=(640, 360), keyint=250)
+        write_long_video(tmp, minutes * 60, fps=30, size=(640, 360), keyint=keyint)
         tmp.rename(path)
         print(f"generated {path} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     return path
@@ -64,9 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clips", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="decoder threads (0 = ffmpeg's choice)")
+    p.add_argument("--keyint", type=int, default=250, help="frames between keyframes")
     p.add_argument("--video", help="use this video instead of generating one")
     args = p.parse_args(argv)
-    path = str(args.video or long_video(args.minutes))
+    path = str(args.video or long_video(args.minutes, args.keyint))
     seconds = args.minutes * 60
     step = (seconds - 10) / args.clips
     spans = [(round(5 + k * step, 3), round(5 + k * step + 5, 3)) for k in range(args.clips)]
@@ -84,7 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         proc.close()
     print(f"{args.clips} clips of 32 frames (8 fps, 448x256) from a {args.minutes:g}-minute 640x360 "
-          f"h264 video, median of {args.repeats}, {args.threads} decoder thread(s)")
+          f"h264 video (keyframe every {args.keyint} frames), median of {args.repeats}, "
+          f"{args.threads} decoder thread(s)")
     print(f"{'mode':<16} {'opens':>6} {'seconds':>9} {'clips/s':>9}")
     for one_open, name in ((True, "one open"), (False, "per-clip open")):
         med = statistics.median(times[one_open])

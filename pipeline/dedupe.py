@@ -5,9 +5,9 @@ so a key appears once per dataset even when the two rows sit in different shards
 holds only task handles and the set of shards that have duplicates (O(shards)); rows are read
 by Ray tasks, in three rounds, all files under `OUT/_plan/dedupe/KIND-KEY/`:
 
-1. scan (one task per `CHUNK_ROWS` rows): read the media column of its row range exactly as a
-   shard task does (resolve, redact: `pipeline.plan.stored_sources`), take the 96-bit
-   `sample_key` digest of every non-empty source, and write (digest, row) records into one
+1. scan (one task per `CHUNK_ROWS` rows): read its row range exactly as a shard task does
+   (`ShardPlan.materialize`: resolve, redact, extra columns), take a 96-bit digest of every
+   non-empty row's `ShardPlan.identity` (its key), and write (digest, row) records into one
    file per hash bucket (`scan/bJJJJ/cCCCCCC.npy`).
 2. bucket (one task per bucket): sort its records by (digest, row); every record after the
    first of its digest is a duplicate of that first row. The (row, first row) pairs are written
@@ -33,10 +33,11 @@ from typing import Any
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.plan import Piece, ReadSpec, cut, read_columns, stored_sources
+from pipeline.plan import Piece, ReadSpec, ShardPlan, cut
 from pipeline.storage import url_to_fs
 
-CHUNK_ROWS = 1_000_000  # rows per scan task
+CHUNK_ROWS = 2_000_000  # rows per scan task (20 bytes each in its records)
+READ_ROWS = 100_000  # rows a scan task materializes at once
 BUCKET_ROWS = 4_000_000  # rows per bucket task (~20 bytes each in memory)
 DEDUPE_VERSION = 1
 RECORD = np.dtype([("a", "<u8"), ("b", "<u4"), ("row", "<i8")])  # 96-bit key digest + manifest row
@@ -76,29 +77,48 @@ def _load_all(fs: Any, folder: str, dtype: np.dtype) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty(0, dtype)
 
 
-def digests(sources: list[str | None], first_row: int) -> np.ndarray:
-    """(digest, row) records of the non-empty sources; the digest is `sample_key`'s 96 bits."""
-    from core.shard_format import sample_key
-
-    rows = [first_row + i for i, s in enumerate(sources) if s]
-    keys = "".join(sample_key(s) for s in sources if s)
-    out = np.empty(len(rows), RECORD)
-    raw = np.frombuffer(bytes.fromhex(keys), dtype=[("a", ">u8"), ("b", ">u4")])
-    out["a"], out["b"], out["row"] = raw["a"], raw["b"], rows
+def digests(plan: ShardPlan) -> np.ndarray:
+    """(digest, row) records of a materialized range's non-empty rows: 96 bits of a hash of
+    each row's `ShardPlan.identity` (its key: the stored source, and clip spans)."""
+    positions = [i for i, s in enumerate(plan.sources) if s]
+    idents = [plan.identity(i) for i in positions]
+    try:  # a sample key is 24 hex digits: its own 96 bits
+        blob = bytes.fromhex("".join(idents)) if all(len(x) == 24 for x in idents) else None
+    except ValueError:
+        blob = None
+    if blob is None or len(blob) != 12 * len(idents):  # (fromhex skips spaces)
+        blob = b"".join(hashlib.blake2b(x.encode(), digest_size=12).digest() for x in idents)
+    out = np.empty(len(positions), RECORD)
+    raw = np.frombuffer(blob, dtype=[("a", ">u8"), ("b", ">u4")])
+    out["a"], out["b"], out["row"] = raw["a"], raw["b"], np.asarray(positions, np.int64) + plan.first_row
     return out
+
+
+def split(pieces: tuple[Piece, ...], first_row: int, n: int):
+    """(first row, pieces) of consecutive blocks of at most `n` rows of `pieces`."""
+    block: list[Piece] = []
+    filled, first = 0, first_row
+    for p in pieces:
+        at = p.start
+        while at < p.stop:
+            take = min(n - filled, p.stop - at)
+            block.append(Piece(p.file, p.read, p.base, at, at + take))
+            at, filled = at + take, filled + take
+            if filled == n:
+                yield first, tuple(block)
+                first, block, filled = first + n, [], 0
+    if block:
+        yield first, tuple(block)
 
 
 def scan(spec: ReadSpec, pieces: tuple[Piece, ...], first_row: int, folder: str, chunk: int,
          buckets: int) -> int:
-    """Round 1 (a Ray task): hash-partition one row range's sources into bucket files."""
+    """Round 1 (a Ray task): hash-partition one row range's identities into bucket files."""
     fs, root = url_to_fs(folder, spec.storage_options)
-    spans = spec.clips.span_columns()  # with clip spans a row repeats when its spans do too
-    values = read_columns(spec, pieces, (spec.source_column, *spans))
-    sources = stored_sources(spec, values)[0]
-    if spans:
-        columns = {name: values[1 + i] for i, name in enumerate(spans)}
-        sources = [s and spec.clips.identity_text(s, columns, i) for i, s in enumerate(sources)]
-    records = digests(sources, first_row)
+    # Read as a shard task reads (resolve, redact, extra columns), READ_ROWS rows at a time.
+    records = np.concatenate([np.empty(0, RECORD)] + [
+        digests(ShardPlan(spec.kind, chunk, first, part, spec).materialize())
+        for first, part in split(pieces, first_row, READ_ROWS)])
     which = records["a"] % np.uint64(buckets)
     for j in np.unique(which):
         _save(fs, f"{root}/scan/b{int(j):04d}/c{chunk:06d}.npy", records[which == j])
@@ -143,9 +163,9 @@ def pass_key(records: list[dict[str, Any]], spec: ReadSpec, size: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def find_duplicates(manifest: Any, size: int) -> DuplicateIndex:
+def find_duplicates(manifest: Any, size: int, buckets: int | None = None) -> DuplicateIndex:
     """Run (or reuse) the pass over `manifest` (a `pipeline.manifest.Manifest` whose files are
-    converted) for shards of `size` rows."""
+    converted) for shards of `size` rows, in `buckets` hash buckets (default: from the rows)."""
     import ray
 
     spec, files, records = manifest.read_spec(), manifest.plan_files(), manifest.file_records()
@@ -158,7 +178,7 @@ def find_duplicates(manifest: Any, size: int) -> DuplicateIndex:
     start = time.perf_counter()
     total = sum(f.rows for f in files)
     shards = -(-total // size)
-    buckets = int(min(1024, max(1, -(-total // BUCKET_ROWS))))
+    buckets = buckets or int(min(1024, max(1, -(-total // BUCKET_ROWS))))
     task = dict(num_cpus=1, max_retries=2)
     scans = [ray.remote(scan).options(**task).remote(spec, pieces, first, folder, chunk, buckets)
              for chunk, first, pieces in cut(files, CHUNK_ROWS)]

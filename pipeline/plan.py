@@ -119,6 +119,12 @@ class ShardPlan:
         self.materialized = True
         return self
 
+    def identity(self, pos: int) -> str:
+        """What makes two rows one sample (the dedupe pass compares these across the dataset):
+        the stored source's key; with clip spans, of the source and the row's span values
+        (InternVid has a row per clip of one video: those are not repeats)."""
+        return self.clips.identity(self.sources[pos], self.columns, pos)
+
     def commit_fields(self) -> dict[str, Any]:
         """What the stats json records so a rerun can verify this shard: the (file, row range)
         pieces and a digest of the stored sources."""

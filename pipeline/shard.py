@@ -225,7 +225,7 @@ class ShardTask:
                 settled[pos] = ("failed", "missing_file", f"manifest row {row}: the {column} column is empty")
                 continue
             failure = self._allowed(policy, source)
-            ident = plan.clips.identity(source, plan.columns, pos)
+            ident = plan.identity(pos)  # source (and spans): what the dedupe pass compares
             if failure is None and (ident in first_row or pos in plan.duplicate_of):
                 what = "same source and spans" if plan.clips.has_spans else "same source"
                 earlier = plan.duplicate_of.get(pos, first_row.get(ident))

@@ -109,6 +109,10 @@ def test_panda70m_detected_from_its_columns(tmp_path, fmt):
     assert plan.sources == [r["url"] for r in rows]
     clips = [plan.clips.clips(plan.columns, i, i, plan.captions[i]) for i in range(2)]
     assert clips == [[Clip((0.0, 2.5), "first"), Clip((4.0, 6.0), "second")], [Clip((1.0, 3.0), "third")]]
+    # Videos already downloaded: the template names them by videoID instead of the url column.
+    _, [plan] = plans(tmp_path / f"panda.{fmt}", source_template="/data/panda/{videoID}.mp4")
+    assert plan.sources == ["/data/panda/a.mp4", "/data/panda/b.mp4"]
+    assert plan.clips.clips_column == "timestamp"
 
 
 def test_internvid_jsonl_with_a_source_template(tmp_path):

@@ -169,6 +169,15 @@ def test_dedupe_pass_across_shards_and_files(tmp_path, ray_session):
     again = find_duplicates(m, 3)
     assert again.folder == index.folder and again.shards == index.shards
     assert sorted(os.listdir(index.folder)) == ["done.json"] + [f"shard-{i:06d}.npy" for i in range(4)]
+    # Many hash buckets and shard ranges find the same pairs (another output: no reuse).
+    m.plan_root = str(tmp_path / "_plan7")
+    spread = find_duplicates(m, 3, buckets=7)
+    assert spread.stats["buckets"] == 7 and spread.shards == index.shards
+    again = {}
+    for plan in ShardPlanner(m, 3).run():
+        plan.duplicates = spread.path(plan.index)
+        again.update({plan.first_row + pos: first for pos, first in plan.materialize().duplicate_of.items()})
+    assert again == found
 
 
 def test_signed_urls_in_a_csv_are_sealed_in_its_conversion(tmp_path, ray_session):
@@ -195,3 +204,13 @@ def test_a_file_without_the_columns_is_named_from_its_footer(tmp_path):
     pd.DataFrame({"video": ["/v/x.mp4"]}).to_parquet(tmp_path / "m" / "part-1.parquet")
     with pytest.raises(ManifestError, match=r"part-1\.parquet has no column 'caption'"):
         Manifest(str(tmp_path / "m"), "videos", _cfg(), {}).file_records()
+
+
+def test_dedupe_scan_reads_its_range_in_blocks():
+    from pipeline.dedupe import split
+    from pipeline.plan import Piece
+
+    pieces = (Piece("a", "a", "/", 5, 12), Piece("b", "b", "/", 0, 4))
+    blocks = [(first, [(p.file, p.start, p.stop) for p in block]) for first, block in split(pieces, 100, 3)]
+    assert blocks == [(100, [("a", 5, 8)]), (103, [("a", 8, 11)]), (106, [("a", 11, 12), ("b", 0, 2)]),
+                      (109, [("b", 2, 4)])]
