@@ -325,6 +325,7 @@ SINCE_ADDED = {
     "filter": None,
     "manifest": ("filter", "extra_columns", "start_column", "end_column", "clips_column", "source_template"),
     "video": ("split", "clip_seconds", "min_clip_s", "max_clip_s", "scene_threshold"),
+    "dedupe": None,  # `source` is what every earlier run did
 }
 
 

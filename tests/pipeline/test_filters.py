@@ -100,6 +100,18 @@ def test_fingerprint_unchanged_while_filters_are_off():
         assert prep_fingerprint(load_config(PrepConfig, TINY, [override])) != prep_fingerprint(base)
 
 
+def test_added_fields_stay_out_of_the_fingerprint_at_their_defaults():
+    from pipeline.config import SINCE_ADDED, output_config
+
+    data = output_config(PrepConfig())
+    for section, fields in SINCE_ADDED.items():
+        if fields is None:
+            assert section not in data
+        else:
+            assert not set(fields) & set(data[section])
+    assert "dedupe" in output_config(load_config(PrepConfig, TINY, ["dedupe=none"]))
+
+
 def _png(width: int, height: int) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (width, height), (90, 30, 200)).save(buf, format="PNG")
