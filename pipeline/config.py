@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.config import check, to_dict
-from core.shard_format import FORMAT_VERSION
+from core.shard_format import FORMAT_VERSION, STATUS_COLUMNS
 from pipeline.untrusted import (
     DEFAULT_BLOCKED_NETWORKS,
     DEFAULT_DISALLOWED_DIRECTIVES,
@@ -28,6 +28,7 @@ from pipeline.untrusted import (
     DEFAULT_REDACT_PARAMS,
     parse_network,
 )
+from preprocessing.filters import FilterConfig
 from preprocessing.settings import ImageConfig, ModelsConfig, VideoConfig
 
 
@@ -49,6 +50,31 @@ COLUMN_ALIASES = {
 }
 
 
+def check_filter_fields(cfg: Any) -> None:
+    """`manifest.filter` and `manifest.extra_columns` (their columns are checked against each
+    manifest file when it is opened: pipeline/filters.py)."""
+    check(
+        cfg.filter is None or (isinstance(cfg.filter, str) and cfg.filter.strip() != ""),
+        "filter",
+        f"must be null or a SQL expression such as `punsafe < 0.5 and WIDTH >= 256`, got {cfg.filter!r}",
+    )
+    if cfg.extra_columns:
+        check_strings(cfg.extra_columns, "extra_columns", "manifest column names")
+    check(isinstance(cfg.extra_columns, list), "extra_columns", "must be a list of column names")
+    taken = [c for c in cfg.extra_columns if c in STATUS_COLUMNS]
+    check(
+        not taken,
+        "extra_columns",
+        f"{taken[:1]} would overwrite the status table's own column of that name; "
+        "rename the manifest column",
+    )
+    check(
+        len(set(cfg.extra_columns)) == len(cfg.extra_columns),
+        "extra_columns",
+        f"lists a column twice: {cfg.extra_columns!r}",
+    )
+
+
 @dataclass
 class ManifestConfig:
     video_column: str = "video"  # path or URL of the video file
@@ -61,8 +87,23 @@ class ManifestConfig:
     allowed_protocols: list[str] = field(default_factory=lambda: list(DEFAULT_PROTOCOLS))
     # Query parameters shown as REDACTED in stored URLs and messages; keys hash the redacted URL.
     redact_query_params: list[str] = field(default_factory=lambda: list(DEFAULT_REDACT_PARAMS))
+    # Row filter (pipeline/filters.py): a DuckDB SQL expression over manifest columns, e.g.
+    # `punsafe < 0.5 and WIDTH >= 256`; rows it rejects fail with reason `filtered`. null = all.
+    filter: str | None = None
+    # Manifest columns copied into KEY.json (`extra`) and the status table, as img2dataset's
+    # save_additional_columns does.
+    extra_columns: list[str] = field(default_factory=list)
+    # Clip spans (pipeline/clips.py; Panda-70M and InternVid are detected from their columns):
+    # one clip a row (start/end columns) or a list of [start, end] per row; seconds or H:MM:SS.fff.
+    start_column: str | None = None
+    end_column: str | None = None
+    clips_column: str | None = None
+    # The video's path or URL from the row's columns, e.g. /data/internvid/{YoutubeID}.mp4.
+    source_template: str | None = None
 
     def __post_init__(self) -> None:
+        check_filter_fields(self)
+        self._check_clips()
         for name in ("video_column", "image_column", "caption_column"):
             value = getattr(self, name)
             check(isinstance(value, str) and value != "", name, "must be a non-empty column name")
@@ -87,6 +128,24 @@ class ManifestConfig:
                 f"{protocol!r} is not a protocol name (write e.g. [http, https])",
             )
         check_strings(self.redact_query_params, "redact_query_params", "query parameter names")
+
+    def _check_clips(self) -> None:
+        from pipeline.clips import template_fields
+
+        for name in ("start_column", "end_column", "clips_column", "source_template"):
+            value = getattr(self, name)
+            check(value is None or (isinstance(value, str) and value.strip() != ""), name,
+                  f"must be a column name (or null), got {value!r}")
+        check((self.start_column is None) == (self.end_column is None),
+              "start_column" if self.start_column is None else "end_column",
+              "start_column and end_column go together (one clip a row); set both")
+        check(self.clips_column is None or self.start_column is None, "clips_column",
+              "set either clips_column (a list of spans a row) or start_column/end_column, not both")
+        if self.source_template is not None:
+            try:
+                template_fields(self.source_template)
+            except ValueError as exc:
+                check(False, "source_template", f"{self.source_template!r}: {exc}")
 
 
 @dataclass
@@ -232,7 +291,11 @@ class PrepConfig:
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
     samples_per_shard: int = 1000  # shard N holds manifest rows N*S .. N*S+S-1
+    # `source`: a source repeated later in the manifest fails `duplicate` (a distributed pass,
+    # pipeline/dedupe.py); `none`: only repeats within one shard do. Changes shard bytes.
+    dedupe: str = "source"
 
     def __post_init__(self) -> None:
         check(
@@ -240,6 +303,7 @@ class PrepConfig:
             "samples_per_shard",
             f"must be an integer >= 1, got {self.samples_per_shard!r}",
         )
+        check(self.dedupe in ("source", "none"), "dedupe", f"must be source or none, got {self.dedupe!r}")
 
 
 # Fields that never change a shard's bytes: excluded from the fingerprint.
@@ -255,6 +319,16 @@ OPERATIONAL = {
 }
 
 
+# Fields added after datasets were written: they enter the fingerprint only when set, so an
+# existing dataset (written before they existed, i.e. with their defaults) keeps its fingerprint.
+SINCE_ADDED = {
+    "filter": None,
+    "manifest": ("filter", "extra_columns", "start_column", "end_column", "clips_column", "source_template"),
+    "video": ("split", "clip_seconds", "min_clip_s", "max_clip_s", "scene_threshold"),
+    "dedupe": None,  # `source` is what every earlier run did
+}
+
+
 def output_config(cfg: PrepConfig) -> dict[str, Any]:
     """The config values that determine the output (what the fingerprint hashes)."""
     data = to_dict(cfg)
@@ -264,8 +338,24 @@ def output_config(cfg: PrepConfig) -> dict[str, Any]:
         else:
             for name in fields:
                 data[section].pop(name)
+    _drop_defaults(data)
     data["format_version"] = FORMAT_VERSION
     return data
+
+
+def _drop_defaults(data: dict[str, Any]) -> None:
+    """Remove the `SINCE_ADDED` fields (or whole sections) that hold their default values."""
+    defaults = to_dict(PrepConfig())
+    for section, fields in SINCE_ADDED.items():
+        if section not in data:
+            continue
+        if fields is None:
+            if data[section] == defaults[section]:
+                data.pop(section)
+            continue
+        for name in fields:
+            if name in data[section] and data[section][name] == defaults[section][name]:
+                data[section].pop(name)
 
 
 def prep_fingerprint(cfg: PrepConfig) -> str:

@@ -11,10 +11,10 @@ Every encode call gets exactly `batch_samples` samples (a short batch is padded,
 neighbour failed.
 
 Duplicates are found before any work: the first row with a given source keeps the key, later
-ones fail with reason `duplicate`; the driver marks repeats of a source first seen in an
-earlier shard (`ShardPlan.duplicate_of`), so a key appears once per dataset. Any exception from one
-sample becomes that row's failure; only storage errors (the shard cannot be written) fail
-the task.
+ones fail with reason `duplicate`; the dedupe pass (pipeline/dedupe.py) marks repeats of a source
+first seen in an earlier shard (`ShardPlan.duplicate_of`), so a key appears once per dataset.
+Any exception from one sample becomes that row's failure; only storage errors (the shard
+cannot be written) fail the task.
 
 Untrusted rows (docs/untrusted.md): each source passes `SourcePolicy.check` (protocol, and a
 local path's realpath inside the manifest's roots) before any byte is read; a local file is
@@ -30,10 +30,14 @@ from collections import deque
 from typing import Any
 
 from core.shard_format import SampleError, sample_key
+from pipeline.clip_rows import RowClips, decode_groups
+from pipeline.clips import RowError
 from pipeline.config import PrepConfig
 from pipeline.encode_clients import ActorEncode, LocalEncode, Result
 from pipeline.fetch import Fetcher, is_remote
-from pipeline.manifest import ShardPlan
+from pipeline.filters import ShardFilters
+from pipeline.plan import ShardPlan
+from pipeline.splitting import make_splitter, split_rows
 from pipeline.storage import OutputStore
 from pipeline.untrusted import SourcePolicy, redact_text
 from pipeline.worker_cache import WORKER_CACHE
@@ -47,8 +51,11 @@ class RowFlow:
 
     def __init__(self, plan: ShardPlan, keys: list[str], settled: dict[int, Result],
                  encode: Any, writer: ShardWriter, old_samples: Any, batch_samples: int,
-                 redact_params: tuple[str, ...] = ()):
+                 redact_params: tuple[str, ...] = (), clips: dict[int, RowClips] | None = None):
         self.plan, self.keys, self.redact_params = plan, keys, redact_params
+        # Rows with clip spans: their slots are (position, clip index); the row is written
+        # (settled as ("clips",)) once all of its clips have a result.
+        self.clips = clips or {}
         self.encode, self.writer, self.old_samples = encode, writer, old_samples
         self.batch_samples = batch_samples
         self.resolved: dict[int, Result] = dict(settled)
@@ -56,11 +63,25 @@ class RowFlow:
         self.batch: list[tuple[int, Any]] = []
         self.in_flight: deque = deque()
         self.timing = dict(fetch_s=0.0, decode_s=0.0, encode_s=0.0, write_s=0.0)
+        self.filters: ShardFilters | None = None  # motion filters, extra columns (pipeline/filters.py)
 
-    def settle(self, pos: int, res: Result) -> None:
-        self.resolved[pos] = res
+    def settle(self, slot: int | tuple[int, int], res: Result) -> None:
+        """The result of a row (slot = position) or of one clip of a row (position, clip)."""
+        if isinstance(slot, tuple):
+            if self.clips[slot[0]].settle(slot[1], res):
+                self.resolved[slot[0]] = ("clips",)
+        else:
+            self.resolved[slot] = res
 
-    def add(self, pos: int, decoded: Any, batches_in_flight: int) -> None:
+    def fail_row(self, pos: int, res: Result) -> None:
+        """The whole row failed (fetch, policy): every clip still pending fails with it."""
+        if pos in self.clips:
+            for j in self.clips[pos].pending():
+                self.settle((pos, j), res)
+        else:
+            self.settle(pos, res)
+
+    def add(self, pos: int | tuple[int, int], decoded: Any, batches_in_flight: int) -> None:
         """Queue one decoded row; a full batch goes to the encoder."""
         self.batch.append((pos, decoded))
         if len(self.batch) >= self.batch_samples:
@@ -79,7 +100,7 @@ class RowFlow:
             t = time.perf_counter()
             items, handle = self.in_flight.popleft()
             for (pos, _), res in zip(items, self.encode.result(handle, [d for _, d in items])):
-                self.resolved[pos] = res
+                self.settle(pos, res)
             self.timing["encode_s"] += time.perf_counter() - t
 
     def flush(self) -> None:
@@ -92,11 +113,23 @@ class RowFlow:
         self.timing["write_s"] += time.perf_counter() - t
 
     def _write(self, pos: int, res: Result) -> None:
-        plan, writer, key = self.plan, self.writer, self.keys[pos]
+        plan = self.plan
         source = plan.sources[pos] or ""
-        caption = plan.captions[pos]
-        caption = None if caption is None else str(caption)
         fields = dict(shard=plan.index, row=plan.first_row + pos)
+        if self.filters is not None:  # manifest.extra_columns: the row's, on each of its clips
+            fields.update(self.filters.extra(pos))
+        if res[0] == "clips":  # one sample and one status row per clip, in span order
+            row = self.clips.pop(pos)
+            for j, (clip, key) in enumerate(zip(row.clips, row.keys)):
+                self._write_sample(key, source, clip.caption, row.results[j], dict(fields, **row.fields(j)))
+        else:
+            self._write_sample(self.keys[pos], source, plan.captions[pos], res, fields)
+
+    def _write_sample(self, key: str, source: str, caption: Any, res: Result, fields: dict[str, Any]) -> None:
+        plan, writer = self.plan, self.writer
+        caption = None if caption is None else str(caption)
+        if self.filters is not None:  # filter.min_motion / max_motion_jump on the encoded clip
+            res = self.filters.check_result(res, source, fields)
         if res[0] == "kept":
             for old_key, members in self.old_samples:
                 if old_key == key:
@@ -143,9 +176,11 @@ class ShardTask:
         from preprocessing.process import Decoder
 
         threads = max(1, int(self.cfg.execution.cpus_per_worker))
-        key = (self.cfg.video, self.cfg.image, threads)
+        limits = self.cfg.filter.source_request()
+        key = (self.cfg.video, self.cfg.image, threads, str(limits))
         return WORKER_CACHE.get(
-            "decoder", key, lambda: Decoder(self.cfg.video, self.cfg.image, decode_threads=threads)
+            "decoder", key,
+            lambda: Decoder(self.cfg.video, self.cfg.image, decode_threads=threads, source_filter=limits),
         )
 
     def _batch_samples(self, kind: str) -> int:
@@ -174,10 +209,12 @@ class ShardTask:
             return ("failed", exc.reason, exc.detail)
         return None
 
-    def _triage(self, plan: ShardPlan, kept_keys: set[str]) -> tuple[list[str], dict[int, Result]]:
-        """Keys of every row, and the rows settled before any work (empty, forbidden, duplicate,
-        kept)."""
-        keys, settled, first_row = [], {}, {}
+    def _triage(
+        self, plan: ShardPlan, kept_keys: set[str]
+    ) -> tuple[list[str], dict[int, Result], dict[int, RowClips]]:
+        """Keys of every row, the rows settled before any work (empty, forbidden, duplicate,
+        kept, spans that do not parse), and the clips of rows with spans."""
+        keys, settled, first_row, clips = [], {}, {}, {}
         policy = self._policy(plan)
         for pos, source in enumerate(plan.sources):
             key = sample_key(source) if source else ""
@@ -186,26 +223,52 @@ class ShardTask:
             if not source:
                 column = "video" if plan.kind == "videos" else "image"
                 settled[pos] = ("failed", "missing_file", f"manifest row {row}: the {column} column is empty")
-            elif (refused := self._allowed(policy, source)) is not None:
-                settled[pos] = refused
-            elif key in first_row or pos in plan.duplicate_of:
-                settled[pos] = (
-                    "failed",
-                    "duplicate",
-                    f"{source}: same source as manifest row {plan.duplicate_of.get(pos, first_row.get(key))}",
-                )
-            else:
-                first_row[key] = row
-                if key in kept_keys:
-                    settled[pos] = ("kept", key)
-        return keys, settled
+                continue
+            failure = self._allowed(policy, source)
+            ident = plan.identity(pos)  # source (and spans): what the dedupe pass compares
+            if failure is None and (ident in first_row or pos in plan.duplicate_of):
+                what = "same source and spans" if plan.clips.has_spans else "same source"
+                earlier = plan.duplicate_of.get(pos, first_row.get(ident))
+                failure = ("failed", "duplicate", f"{source}: {what} as manifest row {earlier}")
+            elif failure is None:
+                first_row[ident] = row
+            if plan.clips.has_spans:
+                self._expand(plan, pos, source, kept_keys, settled, clips, failure)
+            elif failure is not None:
+                settled[pos] = failure
+            elif key in kept_keys:
+                settled[pos] = ("kept", key)
+        return keys, settled, clips
+
+    @staticmethod
+    def _expand(plan: ShardPlan, pos: int, source: str, kept_keys: set[str], settled: dict[int, Result],
+                clips: dict[int, RowClips], failure: Result | None) -> None:
+        """Row `pos` as clips (pipeline/clips.py), or its whole-row failure. A row failing as a
+        whole (`failure`: forbidden, duplicate) still gets one status row per clip when its
+        spans parse, so the status table counts clips."""
+        try:
+            spans = plan.clips.clips(plan.columns, pos, plan.first_row + pos, plan.captions[pos])
+            row_clips = RowClips(source, spans, kept_keys if failure is None else set())
+        except RowError as exc:
+            settled[pos] = failure or ("failed", exc.reason, f"{source}: {exc.detail}")
+            return
+        for j in row_clips.pending() if failure is not None else ():
+            row_clips.settle(j, failure)
+        clips[pos] = row_clips
+        if row_clips.done():
+            settled[pos] = ("clips",)
 
     def _kept(self, plan: ShardPlan) -> set[str]:
         """`--retry-failed`: keys of the committed shard's ok rows (checked against the plan)."""
         rows = read_status(self.store, plan.kind, plan.index)
-        if len(rows) != len(plan.sources) or any(
-            r["source"] != s for r, s in zip(rows, plan.sources) if s is not None
-        ):
+        if any(r.get("row") is None for r in rows):  # written before the `row` column existed
+            changed = len(rows) != len(plan.sources) or any(
+                r["source"] != s for r, s in zip(rows, plan.sources) if s is not None)
+        else:  # one status row per clip: compare each manifest row's source
+            by_row = {r["row"] - plan.first_row: r["source"] for r in rows}
+            changed = sorted(by_row) != list(range(len(plan.sources))) or any(
+                by_row[pos] != s for pos, s in enumerate(plan.sources) if s is not None)
+        if changed:
             raise RuntimeError(
                 f"{plan.kind}/{plan.index:06d}: the committed shard does not match the manifest rows; "
                 "the manifest changed since it was written: rerun with --overwrite"
@@ -215,9 +278,15 @@ class ShardTask:
     def run(self, plan: ShardPlan, retry: bool = False, task_offset: int = 0) -> dict[str, Any]:
         start = time.perf_counter()
         keep_heap_pages()
+        plan.materialize()  # the driver sent a description: read this shard's rows (pipeline/plan.py)
         kind = "video" if plan.kind == "videos" else "image"
         kept_keys = self._kept(plan) if retry else set()
-        keys, settled = self._triage(plan, kept_keys)
+        splitter = make_splitter(self.cfg, self.store, plan, retry)  # video.split (pipeline/splitting.py)
+        keys, settled, clips = self._triage(plan, kept_keys)
+        filters = ShardFilters(self.cfg, plan.columns)
+        for pos, res in filters.rejected(plan).items():  # manifest.filter: `filtered`, before any work
+            settled[pos] = res
+            clips.pop(pos, None)
         if retry:  # un-commit first: a crash while rewriting leaves a shard that is redone whole
             self.store.remove([self.store.shard_path(plan.kind, plan.index, "json")])
         old_samples = iter_tar_samples(self.store, plan.kind, plan.index) if retry else iter(())
@@ -227,33 +296,43 @@ class ShardTask:
         policy = self._policy(plan)
         writer = ShardWriter(self.store, plan.kind, plan.index)
         flow = RowFlow(plan, keys, settled, encode, writer, old_samples, self._batch_samples(kind),
-                       tuple(self.cfg.manifest.redact_query_params))
+                       tuple(self.cfg.manifest.redact_query_params), clips)
         timing = flow.timing
+        flow.filters = filters
+        opens = getattr(decoder, "video_opens", 0)
         try:
-            sources = [
-                None if pos in settled else plan.fetch_urls.get(pos, s) for pos, s in enumerate(plan.sources)
-            ]
-            fetched = fetcher.prefetch(sources)
-            for pos, source in enumerate(plan.sources):
+            # One fetch and one open per video: rows naming the same source decode together.
+            groups = decode_groups(plan.sources, settled)
+            fetched = fetcher.prefetch([plan.fetch_urls.get(rows[0], source) for source, rows in groups])
+            for source, rows in groups:
                 t = time.perf_counter()
                 data, error = next(fetched)
                 timing["fetch_s"] += time.perf_counter() - t
-                if pos in settled:
+                if error is not None:
+                    refused = ("failed", error.reason, error.detail)
+                elif not is_remote(source):
+                    refused = self._allowed(policy, source)
+                else:
+                    refused = None
+                if refused is not None:
+                    for pos in rows:
+                        flow.fail_row(pos, refused)
                     flow.flush()
                     continue
-                if error is not None:
-                    flow.settle(pos, ("failed", error.reason, error.detail))
-                elif not is_remote(source) and (refused := self._allowed(policy, source)) is not None:
-                    flow.settle(pos, refused)
-                else:
+                rows = split_rows(splitter, flow, clips, plan, source, data, rows, kept_keys)
+                work = [((pos, j), clips[pos].clips[j].span, clips[pos].clips[j].caption)
+                        if pos in clips else (pos, None, plan.captions[pos])
+                        for pos in rows for j in (clips[pos].pending() if pos in clips else [None])]
+                for n, (slot, span, caption) in enumerate(work):
                     t = time.perf_counter()
-                    decoded = self._decode(decoder, kind, source, plan.captions[pos], data)
+                    decoded = self._decode(decoder, kind, source, caption, data, span, n < len(work) - 1)
                     timing["decode_s"] += time.perf_counter() - t
                     if isinstance(decoded, tuple):
-                        flow.settle(pos, decoded)
+                        flow.settle(slot, decoded)
                     else:
-                        flow.add(pos, decoded, self.cfg.execution.batches_in_flight)
-                flow.flush()
+                        filters.annotate(decoded, slot)  # KEY.json `extra`
+                        flow.add(slot, decoded, self.cfg.execution.batches_in_flight)
+                    flow.flush()
             flow.drain()
             if hasattr(old_samples, "close"):
                 old_samples.close()
@@ -265,6 +344,8 @@ class ShardTask:
                     seconds=time.perf_counter() - start,
                     timing=timing,
                     retried=retry,
+                    video_opens=getattr(decoder, "video_opens", 0) - opens,  # one per video, not per clip
+                    **plan.commit_fields(),  # (file, row range) pieces + sources digest: resume verifies
                 )
             )
         except BaseException:
@@ -272,9 +353,12 @@ class ShardTask:
             raise
 
     @staticmethod
-    def _decode(decoder: Any, kind: str, source: str, caption: Any, data: bytes | None):
+    def _decode(decoder: Any, kind: str, source: str, caption: Any, data: bytes | None,
+                span: tuple[float, float] | None = None, keep_open: bool = False):
         try:
-            return decoder.decode(kind, source, caption, data=data)
+            if span is None and not keep_open:
+                return decoder.decode(kind, source, caption, data=data)
+            return decoder.decode(kind, source, caption, data=data, span=span, keep_open=keep_open)
         except SampleError as exc:
             return ("failed", exc.reason, exc.detail)
         except Exception as exc:  # a bug on one odd file must not kill the shard

@@ -12,6 +12,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from core.geometry import cover_crop
 from core.shard_format import SampleError
+from preprocessing.filters import source_failure
 from preprocessing.settings import ImageConfig
 from preprocessing.transform import resize_cover
 
@@ -59,8 +60,10 @@ def resize_cover_crop(img: Image.Image, width: int, height: int) -> tuple[np.nda
     return np.ascontiguousarray(resize_cover(box[None], width, height)[0]), crop.meta()
 
 
-def load_image(source: str, data: bytes, cfg: ImageConfig) -> tuple[np.ndarray, dict[str, Any]]:
-    """Decode, orient, convert and crop one image; raises SampleError naming `source`."""
+def load_image(source: str, data: bytes, cfg: ImageConfig,
+               limits: dict[str, float] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Decode, orient, convert and crop one image; raises SampleError naming `source`.
+    `limits`: the size filters (`FilterConfig.source_request()`), checked on the header."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -72,6 +75,8 @@ def load_image(source: str, data: bytes, cfg: ImageConfig) -> tuple[np.ndarray, 
                     f"{source}: {img.width}x{img.height} = {pixels} pixels exceeds image.max_pixels="
                     f"{cfg.max_pixels} (decompression-bomb guard; raise it if the file is legitimate)",
                 )
+            if (failure := source_failure(limits, img.width, img.height)) is not None:
+                raise SampleError(failure[0], f"{source}: {failure[1]}")
             fmt, mode = img.format, img.mode
             img.load()
             try:

@@ -50,8 +50,16 @@ class VideoDecoderProcess:
         # Run as `python -m child_module SOCKET_FD FRAMES_FD MEMORY_MB BACKEND`. A parameter so that
         # the isolation tests can start a child that really aborts or hangs (testing.faulty_decoder).
         self.child_module = child_module
+        # More fields of every request: size/duration filters (`filter`, preprocessing/filters.py),
+        # the splitting settings of the scene-scan child (`split`, preprocessing/scenes.py).
+        self.request_extra: dict[str, Any] = {}
         self.decodes_since_start = 0
         self.starts = 0  # child processes started so far (first start, crashes, recycling)
+        # Clips of one video (`decode(..., keep_open=True)`): the source the child holds open,
+        # and video readers opened so far, as the children report them (summed over restarts).
+        self._open_source: str | None = None
+        self._opens_before = 0
+        self._child_opens = 0
         self._proc: subprocess.Popen | None = None
         self._sock: socket.socket | None = None
         self._stderr = None
@@ -103,6 +111,8 @@ class VideoDecoderProcess:
         """Stop the child; returns the tail of its stderr (ffmpeg/abort messages) for details."""
         proc, sock, frames = self._proc, self._sock, self._frames
         self._proc = self._sock = self._frames = None
+        self._open_source = None
+        self._opens_before, self._child_opens = self._opens_before + self._child_opens, 0
         if frames is not None:
             frames.close()
         if sock is not None:
@@ -133,18 +143,29 @@ class VideoDecoderProcess:
     def close(self) -> None:
         self._stop(kill=False)
 
-    def probe(self, source: str, key: str, data: bytes | None = None) -> dict[str, Any]:
+    @property
+    def opens(self) -> int:
+        """Video readers the decoder children have opened so far (their own count)."""
+        return self._opens_before + self._child_opens
+
+    def probe(self, source: str, key: str, data: bytes | None = None,
+              span: tuple[float, float] | None = None) -> dict[str, Any]:
         """The clip's metadata (frame indices, original size, crop box) without decoding frames:
         what a GPU decoder in the encoder actor needs. The file is parsed in the child all the
         same, so hostile containers fail here, isolated."""
-        _, meta = self.decode(source, key, data, _probe_only=True)
+        _, meta = self.decode(source, key, data, span=span, _probe_only=True)
         return meta
 
     def decode(
         self, source: str, key: str, data: bytes | None = None, *,
+        span: tuple[float, float] | None = None, keep_open: bool = False,
         _probe_only: bool = False,
     ) -> tuple[np.ndarray | None, dict[str, Any]]:
-        """uint8 [F,H,W,3] frames (resized + centre-cropped to W×H) and metadata; SampleError."""
+        """uint8 [F,H,W,3] frames (resized + centre-cropped to W×H) and metadata; SampleError.
+
+        `span` [start_s, end_s]: the frames are chosen inside it (`bad_span` when it does not
+        fit the video). `keep_open`: the child keeps the video open for the next call naming
+        the same source, which then sends no bytes and opens nothing (clips of one video)."""
         self.start()
         cfg = self.cfg
         req = {
@@ -152,6 +173,14 @@ class VideoDecoderProcess:
             "target_fps": cfg.target_fps, "threads": self.threads,
             "probe_only": _probe_only,
         }
+        req.update(self.request_extra)
+        if span is not None:
+            req["span"] = [float(span[0]), float(span[1])]
+        if keep_open:
+            req["keep_open"] = True
+        if self._open_source == source and not _probe_only:
+            req.update(reuse=True, has_data=data is not None)
+            data = None  # the child kept them with the open video
         deadline = time.monotonic() + cfg.decode_timeout_s
         try:
             try:
@@ -170,7 +199,9 @@ class VideoDecoderProcess:
                 raise SampleError("internal_error", f"{source}: {type(exc).__name__}: {exc}"[:400]) from exc
         finally:
             self.decodes_since_start += 1
-            if self._proc is not None and self.decodes_since_start >= cfg.decoder_recycle_every:
+            # never between two clips of one video: recycling would close it
+            if (self._proc is not None and self.decodes_since_start >= cfg.decoder_recycle_every
+                    and self._open_source is None):
                 self._stop(kill=False)
         if isinstance(frames, SampleError):
             raise SampleError(frames.reason, f"{source}: {frames.detail}")
@@ -187,6 +218,8 @@ class VideoDecoderProcess:
         sock.settimeout(max(0.001, deadline - time.monotonic()))
         wire.send(sock, req, data)
         head, _ = self._recv(deadline)
+        self._child_opens = head.get("opens", self._child_opens)
+        self._open_source = head.get("open")
         if not head["ok"]:
             return SampleError(head["reason"], head["detail"]), None
         if head.get("probe_only"):
@@ -197,6 +230,8 @@ class VideoDecoderProcess:
         while done < n:
             msg, _ = self._recv(deadline)
             if not msg["ok"]:
+                self._child_opens = msg.get("opens", self._child_opens)
+                self._open_source = msg.get("open")
                 return SampleError(msg["reason"], msg["detail"]), None
             start, k = msg["start"], msg["frames"]
             if start != done or k < 1 or done + k > n:

@@ -98,30 +98,42 @@ def read_local(source: str) -> bytes:
 class Decoder:
     """File -> `Decoded`. Videos decode in an isolated, recycled child process."""
 
-    def __init__(self, video: VideoConfig, image: ImageConfig, decode_threads: int = 0):
+    def __init__(self, video: VideoConfig, image: ImageConfig, decode_threads: int = 0,
+                 source_filter: dict[str, float] | None = None):
         self.video = video
         self.image = image
         self._videos = VideoDecoderProcess(video, threads=decode_threads)
+        # size/duration filters (`FilterConfig.source_request()`), checked before frames decode
+        self.source_filter = source_filter
+        self._videos.request_extra = {"filter": source_filter} if source_filter else {}
         allow_up_to(image.max_pixels)
 
-    def decode(self, kind: str, source: str, caption: Any, data: bytes | None = None) -> Decoded:
-        """Decode `source` (a local path, or any URI when `data` holds its bytes)."""
+    def decode(self, kind: str, source: str, caption: Any, data: bytes | None = None,
+               span: tuple[float, float] | None = None, keep_open: bool = False) -> Decoded:
+        """Decode `source` (a local path, or any URI when `data` holds its bytes).
+
+        `span` [start_s, end_s]: one clip of a longer video (key `sample_key(source, span)`,
+        frames inside the span, `clip` in its metadata). `keep_open`: the next call for the same
+        source reuses this open video (pass it for every clip of a video but the last)."""
         if kind not in KINDS:
             raise ValueError(f"kind must be 'video' or 'image', got {kind!r}")
+        if span is not None and kind != "video":
+            raise ValueError("clip spans apply to videos only")
         text = clean_caption(caption, source)
-        key = sample_key(source)
+        key = sample_key(source, span)
         if data is not None and not data:
             raise SampleError("empty_file", f"{source}: file is empty (0 bytes)")
         if kind == "image":
-            pixels, meta = load_image(source, read_local(source) if data is None else data, self.image)
+            raw = read_local(source) if data is None else data
+            pixels, meta = load_image(source, raw, self.image, self.source_filter)
             meta.update(width=self.image.width, height=self.image.height)
         else:
             if data is None:
                 check_local(source)  # the child opens the path itself: no bytes through the pipe
             if self.video.decoder == "nvdec":  # probed here, isolated; decoded on the actor's GPU
-                pixels, meta = None, self._videos.probe(source, key, data)
+                pixels, meta = None, self._videos.probe(source, key, data, span=span)
             else:
-                pixels, meta = self._videos.decode(source, key, data)
+                pixels, meta = self._videos.decode(source, key, data, span=span, keep_open=keep_open)
                 meta["decoder"] = self._videos.backend
             meta.update(
                 frames=self.video.frames, width=self.video.width, height=self.video.height,
@@ -130,6 +142,12 @@ class Decoder:
         return Decoded(key=key, kind=kind, source=source, caption=text, pixels=pixels,
                        meta={"source": source, "kind": kind, **meta},
                        data=data if pixels is None else None)
+
+    @property
+    def video_opens(self) -> int:
+        """Videos opened by the decoder children so far (their own count: one per video of a
+        row's clips, not one per clip)."""
+        return self._videos.opens
 
     def close(self) -> None:
         self._videos.close()

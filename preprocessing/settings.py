@@ -25,6 +25,27 @@ def _check_size(width: int, height: int) -> None:
         )
 
 
+SPLITS = ("none", "scenes", "fixed")
+
+
+def _check_split(cfg: VideoConfig) -> None:
+    check(cfg.split in SPLITS, "split", f"must be one of {', '.join(SPLITS)}, got {cfg.split!r}")
+    for name in ("clip_seconds", "min_clip_s", "max_clip_s", "scene_threshold"):
+        value = getattr(cfg, name)
+        check(
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value >= 0,
+            name,
+            f"must be a number >= 0, got {value!r}",
+        )
+    check(cfg.clip_seconds > 0, "clip_seconds", f"must be > 0 seconds, got {cfg.clip_seconds!r}")
+    check(
+        cfg.max_clip_s == 0 or cfg.max_clip_s >= cfg.min_clip_s,
+        "max_clip_s",
+        f"must be >= video.min_clip_s ({cfg.min_clip_s}) or 0 = no limit, got {cfg.max_clip_s!r}",
+    )
+
+
 @dataclass
 class VideoConfig:
     frames: int = 32  # F: frames per clip
@@ -37,8 +58,18 @@ class VideoConfig:
     # decord | torchcodec: CPU, in the isolated child. nvdec: on the encoder actors' GPU
     # (PyNvVideoCodec, else torchcodec's CUDA device), falling back to the CPU child per file.
     decoder: str = "decord"
+    # Splitting a video whose row has no spans (preprocessing/scenes.py): `none` (one clip),
+    # `scenes` (PySceneDetect's content detector on a low-resolution decode) or `fixed`
+    # (windows of clip_seconds). max_clip_s cuts longer spans; spans under min_clip_s fail
+    # `too_short` (with their span in the status table). 0 = no limit.
+    split: str = "none"
+    clip_seconds: float = 4.0
+    min_clip_s: float = 0.0
+    max_clip_s: float = 0.0
+    scene_threshold: float = 27.0  # ContentDetector's threshold (its default)
 
     def __post_init__(self) -> None:
+        _check_split(self)
         check(
             isinstance(self.frames, int) and self.frames >= 2,
             "frames",

@@ -25,6 +25,8 @@ import numpy as np
 from core.geometry import TooShort, cover_crop, select_frames
 from preprocessing import wire
 from preprocessing.backends import READERS, import_backend
+from preprocessing.filters import duration_of, source_failure
+from preprocessing.spans import BadSpan, span_frames
 
 # ffmpeg demuxers that read single still images: a JPEG named .mp4 is not a video.
 _IMAGE_FORMATS = ("image2", "_pipe", "gif", "apng", "webp")
@@ -68,29 +70,81 @@ def probe(path: str, data: bytes | None) -> dict[str, Any]:
         raise DecodeFailure("decode_error", detail) from None
 
 
+class _OpenVideo:
+    """The reader kept between requests for the clips of one video (`keep_open`): a long video
+    is opened once and seeked to each span in order, never opened once per clip. `opens`
+    counts real reader constructions; every answer reports it (`isolation` sums them)."""
+
+    def __init__(self) -> None:
+        self.source: str | None = None
+        self.reader: Any = None
+        self.data: bytes | None = None  # the file's bytes when it came without a local path
+        self.opens = 0
+
+    def take(self, path: str) -> tuple[Any, bytes | None]:
+        """(the open reader of `path`, its bytes), or (None, None): another video's is dropped."""
+        if self.source == path and self.reader is not None:
+            return self.reader, self.data
+        self.drop()
+        return None, None
+
+    def keep(self, path: str, reader: Any, data: bytes | None) -> None:
+        self.source, self.reader, self.data = path, reader, data
+
+    def drop(self) -> tuple[None, None]:
+        self.source = self.reader = self.data = None
+        return None, None
+
+
+_OPEN = _OpenVideo()
+
+
 def open_clip(path: str, data: bytes | None, key: str, req: dict[str, Any]):
     """Open with the backend (decord unless the request names another) and select the clip's
-    frames (docs/method.md#prep): (reader, indices, meta).
+    frames (docs/method.md#prep): (reader, indices, meta). With `span` [start_s, end_s] the
+    frames are chosen inside the span only; with `keep_open` the reader stays open for the
+    next request naming the same source (the next clip of this video).
 
     PyAV only probes when the backend fails or finds too few frames, to give the precise reason
     (no video stream, a still image); the happy path pays for one container open.
     """
     backend = req.get("decoder") or "decord"
+    reader, _ = _OPEN.take(path) if req.get("reuse") else _OPEN.drop()
+    if reader is None:
+        if req.get("reuse") and data is None and req.get("has_data"):
+            raise DecodeFailure("decode_error", "the decoder lost this video's open reader")
+        try:
+            reader = READERS[backend](_source(path, data), req["threads"])
+        except MemoryError:
+            raise
+        except Exception as exc:  # decord raises DECORDError / RuntimeError / AssertionError
+            probe(path, data)  # raises the precise failure when PyAV can tell
+            raise _decord_failure(exc, backend) from None
+        _OPEN.opens += 1
+    if req.get("keep_open"):
+        _OPEN.keep(path, reader, data)
+    else:
+        _OPEN.drop()
+    n_frames, native_fps = reader.n_frames, reader.fps
+    span = req.get("span")
+    first, count = 0, n_frames
+    if span is not None:
+        try:
+            first, count = span_frames(n_frames, native_fps, float(span[0]), float(span[1]))
+        except BadSpan as exc:
+            raise DecodeFailure("bad_span", str(exc)) from None
     try:
-        reader = READERS[backend](_source(path, data), req["threads"])
-        n_frames, native_fps = reader.n_frames, reader.fps
-    except MemoryError:
-        raise
-    except Exception as exc:  # decord raises DECORDError / RuntimeError / AssertionError
-        probe(path, data)  # raises the precise failure when PyAV can tell
-        raise _decord_failure(exc, backend) from None
-    try:
-        indices, stride = select_frames(n_frames, native_fps, req["target_fps"], req["frames"], key)
+        indices, stride = select_frames(count, native_fps, req["target_fps"], req["frames"], key)
     except TooShort as exc:
+        if span is not None:
+            raise DecodeFailure("too_short", f"span [{span[0]:g}, {span[1]:g}] s {exc}") from None
         probe(path, data)  # a JPEG named .mp4 is a 1-frame "video" to decord
         raise DecodeFailure("too_short", str(exc)) from None
+    indices = [first + i for i in indices]
     meta = {"frame_indices": indices, "native_fps": round(native_fps, 4), "stride": stride,
             "num_source_frames": n_frames}
+    if span is not None:
+        meta["clip"] = [float(span[0]), float(span[1])]
     return reader, indices, meta
 
 
@@ -189,24 +243,41 @@ def _limit_memory(memory_mb: int, baseline: int = 0) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard if hard != resource.RLIM_INFINITY else limit))
 
 
+def _filter(limits: dict[str, float] | None, width: int | None = None, height: int | None = None,
+            duration: float | None = None) -> None:
+    """`filter.*` size/duration limits (preprocessing/filters.py) as a DecodeFailure."""
+    failure = source_failure(limits, width, height, duration)
+    if failure is not None:
+        raise DecodeFailure(*failure)
+
+
 def _answer(sock, frames_out: wire.SharedFrames, req: dict[str, Any], data: bytes | None) -> None:
+    if req.get("reuse") and data is None and _OPEN.source == req["source"]:
+        data = _OPEN.data  # the next clip of a video sent as bytes: they came with the first
     try:
         reader, indices, meta = open_clip(req["source"], data, req["key"], req)
+        limits = req.get("filter")
+        # a clip's duration is its span's; a video without spans is all one clip
+        span = meta.get("clip")
+        whole = duration_of(meta["num_source_frames"], meta["native_fps"])
+        _filter(limits, duration=whole if span is None else span[1] - span[0])
         if req.get("probe_only"):  # a GPU decoder in the encoder actor decodes these frames
             size = probe(req["source"], data)
+            _filter(limits, size["width"], size["height"])
             crop = cover_crop(size["width"], size["height"], req["width"], req["height"])
             shape = [len(indices), crop.src_h, crop.src_w, 3]
-            wire.send(sock, {"ok": True, "shape": shape, "probe_only": True,
-                             "meta": {**meta, **crop.meta(), "codec": size["codec"]}})
+            wire.send(sock, _head({"ok": True, "shape": shape, "probe_only": True,
+                                   "meta": {**meta, **crop.meta(), "codec": size["codec"]}}))
             return
         crop, done = None, 0
         for chunk in decode_chunks(reader, indices, req["source"], data, req.get("decoder") or "decord"):
             if crop is None:  # frame size from the first decoded chunk: no separate probe
+                _filter(limits, chunk.shape[2], chunk.shape[1])  # before the other chunks decode
                 crop = cover_crop(chunk.shape[2], chunk.shape[1], req["width"], req["height"])
                 x0, y0, x1, y1 = send_region(crop)
                 shape = (len(indices), y1 - y0, x1 - x0, 3)
                 clip = frames_out.array(0, shape, grow=True)
-                wire.send(sock, {"ok": True, "shape": list(shape), "meta": {**meta, **crop.meta()}})
+                wire.send(sock, _head({"ok": True, "shape": list(shape), "meta": {**meta, **crop.meta()}}))
             elif chunk.shape[1:3] != (crop.src_h, crop.src_w):
                 raise DecodeFailure("decode_error", "frame size changes mid-stream")
             clip[done : done + len(chunk)] = chunk[:, y0:y1, x0:x1]  # crop and share in one copy
@@ -214,13 +285,26 @@ def _answer(sock, frames_out: wire.SharedFrames, req: dict[str, Any], data: byte
             done += len(chunk)
         del reader
     except DecodeFailure as exc:
-        wire.send(sock, {"ok": False, "reason": exc.reason, "detail": exc.detail})
+        if exc.reason not in _READER_STILL_GOOD:
+            _OPEN.drop()
+        wire.send(sock, _head({"ok": False, "reason": exc.reason, "detail": exc.detail}))
     except MemoryError:
+        _OPEN.drop()
         detail = f"decoder ran out of memory (limit video.decode_memory_mb={req['memory_mb']})"
-        wire.send(sock, {"ok": False, "reason": "out_of_memory", "detail": detail})
+        wire.send(sock, _head({"ok": False, "reason": "out_of_memory", "detail": detail}))
     except Exception as exc:
+        _OPEN.drop()
         detail = f"unexpected {type(exc).__name__} while decoding: {exc}"[:400]
-        wire.send(sock, {"ok": False, "reason": "decode_error", "detail": detail})
+        wire.send(sock, _head({"ok": False, "reason": "decode_error", "detail": detail}))
+
+
+# Failures that say nothing about the reader: the next clip of the video may use it.
+_READER_STILL_GOOD = ("bad_span", "too_short", "too_small", "bad_aspect", "bad_duration")
+
+
+def _head(msg: dict[str, Any]) -> dict[str, Any]:
+    """An answer's header, with the reader opens so far and whether a video stays open."""
+    return {**msg, "opens": _OPEN.opens, "open": _OPEN.source}
 
 
 def _mapped_bytes() -> int:

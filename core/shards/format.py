@@ -37,6 +37,14 @@ REASONS = (
     "forbidden_path",  # untrusted manifests (docs/untrusted.md): a protocol or folder not allowed
     "blocked_address",  # ... an internal network address (http.blocked_networks)
     "opted_out",  # ... the server's X-Robots-Tag forbids this use (noai, ...)
+    "bad_span",  # a clip span that does not parse, has start >= end, or ends past the video
+    # Rejected by the job's filters (`manifest.filter`, `filter.*`; preprocessing/filters.py)
+    "filtered",  # the row fails the manifest.filter expression
+    "too_small",  # short side under filter.min_short_side
+    "bad_aspect",  # aspect ratio over filter.max_aspect
+    "bad_duration",  # duration outside filter.min_duration_s .. filter.max_duration_s
+    "static",  # mean motion factor under filter.min_motion
+    "scene_cut",  # one frame pair's motion over filter.max_motion_jump x the clip's median
 )
 
 # The status parquet, one row per sample (a clip of a manifest row, or the row itself): name ->
@@ -77,9 +85,12 @@ def shard_name(index: int) -> str:
     return f"{index:06d}"
 
 
-def sample_key(source: str, span: tuple[int, int] | None = None) -> str:
-    """Deterministic key: hex digest of the source URI (and clip span). No dots, no slashes."""
-    text = source if span is None else f"{source}#{span[0]}-{span[1]}"
+def sample_key(source: str, span: tuple[float, float] | None = None) -> str:
+    """Deterministic key: hex digest of the source URI (and clip span). No dots, no slashes.
+
+    A span is written in milliseconds (`SRC#1.500-4.000`), so `1.5`, `"0:00:01.5"` and a
+    parquet double 1.5 name the same clip; span None gives the whole-video key of before."""
+    text = source if span is None else f"{source}#{float(span[0]):.3f}-{float(span[1]):.3f}"
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:24]
 
 
