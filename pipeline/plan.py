@@ -213,7 +213,7 @@ def read_columns(spec: ReadSpec, pieces: tuple[Piece, ...], names: tuple[str, ..
                 at += batch.num_rows
                 if at >= piece.stop:
                     break
-        except pa.ArrowException as exc:
+        except (OSError, pa.ArrowException) as exc:
             raise PlanError(f"manifest file {piece.file} cannot be read: {exc}") from exc
         finally:
             pf.close()
