@@ -162,7 +162,7 @@ class Manifest:
     def convert(self) -> None:
         """Convert the footer-less files not converted yet (one Ray task each) and record their
         row counts. Parquet manifests need nothing."""
-        from pipeline.plan_convert import convert_all
+        from pipeline.plan_convert import CONVERTERS, convert_all
 
         if self.format == "parquet":
             return
@@ -171,6 +171,9 @@ class Manifest:
         todo = list(zip(self.files, self.file_records()))
         if self.plan_root is None:
             raise ManifestError(f"manifest {self.shown}: {self.format} files need an output to convert into")
+        if self.format not in CONVERTERS:
+            raise ManifestError(f"manifest {self.shown}: no converter is registered for {self.format} files "
+                                "(pipeline/plan_convert.py `register`)")
         jobs = [(self.format, self._url(path), self.read_urls[path]) for path, _ in todo]
         try:
             counts = convert_all(jobs, self.storage_options, self.cfg.batch_rows, self.source_column,

@@ -171,7 +171,8 @@ class Columns(list):
 def open_parquet(url: str, options: dict[str, Any]) -> pq.ParquetFile:
     fs, path = url_to_fs(url, options)
     try:
-        return pq.ParquetFile(fs.open(path, "rb"))
+        # Small read blocks: a task reads a few row groups, not object stores' 50 MB readahead.
+        return pq.ParquetFile(fs.open(path, "rb", block_size=1 << 22))
     except (OSError, pa.ArrowException) as exc:
         raise PlanError(f"manifest file {url} cannot be read as planned ({exc}); it changed or was "
                         "removed since the job started: rerun the job") from exc
@@ -228,7 +229,7 @@ def read_columns(spec: ReadSpec, pieces: tuple[Piece, ...], names: tuple[str, ..
                 at += batch.num_rows
                 if at >= piece.stop:
                     break
-        except pa.ArrowException as exc:
+        except (OSError, pa.ArrowException) as exc:
             raise PlanError(f"manifest file {piece.file} cannot be read: {exc}") from exc
         finally:
             pf.close()

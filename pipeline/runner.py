@@ -177,7 +177,6 @@ class Dispatch:
         bar.close()
         stats.seconds = time.perf_counter() - start
 
-
     def _duplicates(self, manifest: Manifest, shards: int, committed: set[int], to_retry: set[int]):
         """The dedupe pass (pipeline/dedupe.py), when some shard is to be done and repeats may
         span shards (with one shard, the shard task finds them itself)."""

@@ -180,3 +180,16 @@ def test_plain_manifests_are_unchanged(tmp_path):
 def test_config_refuses(fields, words):
     with pytest.raises(ConfigError, match=words):
         ManifestConfig(**fields)
+
+
+def test_clip_settings_hash_only_when_set():
+    """Old outputs keep their fingerprint (and resume); a clip setting changes the bytes, so it
+    changes the fingerprint."""
+    from core.config import load_config
+    from pipeline.config import PrepConfig, output_config, prep_fingerprint
+
+    plain = load_config(PrepConfig, None, [])
+    assert not {"start_column", "clips_column", "source_template"} & set(output_config(plain)["manifest"])
+    spans = load_config(PrepConfig, None, ["manifest.clips_column=spans"])
+    assert output_config(spans)["manifest"]["clips_column"] == "spans"
+    assert prep_fingerprint(spans) != prep_fingerprint(plain)

@@ -214,3 +214,22 @@ def test_dedupe_scan_reads_its_range_in_blocks():
     blocks = [(first, [(p.file, p.start, p.stop) for p in block]) for first, block in split(pieces, 100, 3)]
     assert blocks == [(100, [("a", 5, 8)]), (103, [("a", 8, 11)]), (106, [("a", 11, 12), ("b", 0, 2)]),
                       (109, [("b", 2, 4)])]
+
+
+def test_the_planner_reads_footers_only(tmp_path):
+    """Data pages overwritten with garbage, footer intact: planning (and --dry-run's counts)
+    still works, only materializing the rows fails."""
+    from pipeline.plan import PlanError
+
+    _parts(tmp_path / "m", [50], row_group=10)
+    path = tmp_path / "m" / "part-0.parquet"
+    data = bytearray(path.read_bytes())
+    footer = int.from_bytes(data[-8:-4], "little")
+    data[4:len(data) - 8 - footer] = b"\xff" * (len(data) - 12 - footer)
+    path.write_bytes(bytes(data))
+    manifest = Manifest(str(path), "videos", _cfg(), {})
+    assert manifest.count_rows() == 50
+    plans = list(ShardPlanner(manifest, 20).run())
+    assert [(p.first_row, p.rows) for p in plans] == [(0, 20), (20, 20), (40, 10)]
+    with pytest.raises(PlanError, match="part-0.parquet"):
+        plans[1].materialize()

@@ -91,3 +91,22 @@ def test_dedupe_none_keeps_cross_shard_repeats_and_reruns_are_byte_identical(
     assert tars(tmp_path / "a") == tars(tmp_path / "b") and len(tars(tmp_path / "a")) == 3
     assert tars(tmp_path / "a")["000000.tar"] == tars(tmp_path / "none")["000000.tar"]
     assert tars(tmp_path / "a")["000002.tar"] != tars(tmp_path / "none")["000002.tar"]  # row 4
+
+
+def test_committed_shards_pieces_are_verified_without_dataset_json(synthetic, ray_session, prep, tmp_path,
+                                                                   capsys):
+    good = pd.read_parquet(synthetic / "good_images.parquet")
+    folder = tmp_path / "manifest"
+    folder.mkdir()
+    good[:3].to_parquet(folder / "part-0.parquet", index=False)
+    good[3:6].to_parquet(folder / "part-1.parquet", index=False)
+    out = tmp_path / "out"
+    argv = ("--images", str(folder / "part-*.parquet"), "--out", str(out), "--samples-per-shard", "2",
+            f"manifest.allowed_roots=[{synthetic}]")
+    assert prep(*argv) == 0
+    (out / "dataset.json").unlink()  # the file records are gone: the shards' own pieces remain
+    good[:2].to_parquet(folder / "part-0.parquet", index=False)
+    capsys.readouterr()
+    assert prep(*argv) == 2
+    err = capsys.readouterr().err
+    assert "images/000002" in err and "part-1.parquet" in err and "--overwrite" in err
