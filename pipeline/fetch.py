@@ -51,6 +51,7 @@ from pipeline.untrusted import (
     redact_text,
     redact_url,
 )
+from pipeline.wds_input import MemberRef, read_member
 
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 REDIRECT_STATUS = {301, 302, 303, 307, 308}
@@ -197,7 +198,9 @@ class Fetcher:
     def shown(self, url: str) -> str:
         return redact_url(url, self.redact_params)
 
-    def fetch(self, source: str) -> bytes | None:
+    def fetch(self, source: str | MemberRef) -> bytes | None:
+        if isinstance(source, MemberRef):  # a tar input's media member (pipeline/wds_input.py)
+            return read_member(source, self._filesystem, self.http.max_bytes)
         if not is_remote(source):
             return None
         if source.startswith(("http://", "https://")):
@@ -207,10 +210,7 @@ class Fetcher:
     def _fsspec(self, url: str) -> bytes:
         shown = self.shown(url)
         try:
-            protocol = url.split("://", 1)[0]
-            if protocol not in self._fs:
-                self._fs[protocol] = url_to_fs(url, self.options)[0]
-            fs = self._fs[protocol]
+            fs = self._filesystem(url)
             size = fs.size(url)
             if size is not None and size > self.http.max_bytes:
                 raise SampleError(
@@ -224,6 +224,12 @@ class Fetcher:
         except Exception as exc:  # noqa: BLE001 - any storage failure is this sample's failure
             detail = redact_text(f"{type(exc).__name__}: {exc}", self.redact_params)
             raise SampleError("download_error", f"{shown}: {detail}") from None
+
+    def _filesystem(self, url: str) -> Any:
+        protocol = url.split("://", 1)[0]
+        if protocol not in self._fs:
+            self._fs[protocol] = url_to_fs(url, self.options)[0]
+        return self._fs[protocol]
 
     def _http(self, url: str) -> bytes:
         shown = self.shown(url)
@@ -349,7 +355,7 @@ class Fetcher:
             raise http.client.IncompleteRead(b"", response.length)
         return b"".join(chunks)
 
-    def safe_fetch(self, source: str | None) -> Fetched:
+    def safe_fetch(self, source: str | MemberRef | None) -> Fetched:
         if source is None:
             return None, None
         try:
@@ -357,7 +363,7 @@ class Fetcher:
         except SampleError as exc:
             return None, exc
 
-    def prefetch(self, sources: Iterable[str | None]) -> Iterator[Fetched]:
+    def prefetch(self, sources: Iterable[str | MemberRef | None]) -> Iterator[Fetched]:
         """Fetch results in input order, with up to `max_concurrency` downloads running ahead.
 
         A None source is passed through untouched (rows that need no fetch)."""
@@ -365,7 +371,7 @@ class Fetcher:
         with ThreadPoolExecutor(window, thread_name_prefix="fetch") as pool:
             pending: deque[Future | Fetched] = deque()
             for source in sources:
-                if source is not None and is_remote(source):
+                if isinstance(source, MemberRef) or (source is not None and is_remote(source)):
                     pending.append(pool.submit(self.safe_fetch, source))
                 else:
                     pending.append((None, None))

@@ -34,6 +34,8 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 from pipeline.config import COLUMN_ALIASES, ManifestConfig
 from pipeline.storage import url_to_fs
 from pipeline.untrusted import configured_roots, default_roots, redact_text, redact_url
+from pipeline.wds_input import COLUMNS as TAR_COLUMNS
+from pipeline.wds_input import TarInputError, brace_files, check_tar_head, index_tar_file
 
 FORMATS = {
     ".parquet": "parquet",
@@ -42,6 +44,7 @@ FORMATS = {
     ".jsonl": "json",
     ".json": "json",
     ".ndjson": "json",
+    ".tar": "tar",  # WebDataset shards (video2dataset / img2dataset output): pipeline/wds_input.py
 }
 KIND_COLUMN = {"videos": "video_column", "images": "image_column"}
 
@@ -139,9 +142,12 @@ class Manifest:
                 f"manifest {url} mixes formats {sorted(formats)}; use one format per manifest"
             )
         self.format = formats.pop()
+        self._tar_cache: tuple[str, pa.Table] | None = None
+        if self.format == "tar":
+            self._check_tars()
         self.source_column, self.caption_column = self._columns()
         # More columns each shard task needs (clip spans, `manifest.extra_columns`), in order.
-        self.extra_names: list[str] = []
+        self.extra_names: list[str] = list(TAR_COLUMNS) if self.format == "tar" else []
         self.rows_streamed: dict[str, int] = {}  # per file, once `batches()` has read it whole
 
     def file_records(self) -> list[dict[str, Any]]:
@@ -160,14 +166,20 @@ class Manifest:
     def _files(self, path: str) -> list[str]:
         try:
             web = self.url.startswith(("http://", "https://"))  # "?" starts a query, not a glob
-            if not web and any(ch in path for ch in "*?["):
+            if "{" in path:
+                files = self._brace_files(path)
+            elif not web and any(ch in path for ch in "*?["):
                 files = sorted(self.fs.glob(path))
             elif self.fs.isdir(path):
                 files = sorted(f for f in self.fs.find(path) if os.path.splitext(f)[1].lower() in FORMATS)
+                tars = [f for f in files if f.lower().endswith(".tar")]
+                files = tars or files  # a folder of tars also holds video2dataset's _stats.json
             elif self.fs.exists(path):
                 files = [path]
             else:
                 files = []
+        except ManifestError:
+            raise
         except (OSError, ValueError) as exc:
             detail = redact_text(f"{type(exc).__name__}: {exc}", self.cfg.redact_query_params)
             raise ManifestError(f"manifest {self.shown} cannot be read: {detail}") from exc
@@ -176,6 +188,30 @@ class Manifest:
                 f"manifest {self.shown}: no such file, or no .parquet/.csv/.jsonl files match"
             )
         return files
+
+    def _brace_files(self, path: str) -> list[str]:
+        files, missing = brace_files(self.fs, path)
+        if missing:
+            raise ManifestError(f"manifest {self.shown}: {len(missing)} of {len(files)} files of the "
+                                f"brace pattern do not exist, first {self._display(missing[0])}")
+        return files
+
+    def _check_tars(self) -> None:  # one 512-byte read per tar: a wrong file fails before work
+        try:
+            for path in self.files:
+                check_tar_head(self.fs, path, self._display(path))
+        except TarInputError as exc:
+            raise ManifestError(str(exc)) from None
+
+    def _tar_table(self, path: str) -> pa.Table:
+        """The rows of one tar input (pipeline/wds_input.py), indexed once per pass."""
+        if self._tar_cache is None or self._tar_cache[0] != path:
+            url = path if self.local else self.fs.unstrip_protocol(path)
+            try:
+                self._tar_cache = (path, index_tar_file(self.fs, path, url, self.kind))
+            except TarInputError as exc:
+                raise ManifestError(redact_text(str(exc), self.cfg.redact_query_params)) from None
+        return self._tar_cache[1]
 
     def _roots(self, path: str) -> tuple[str, ...]:
         """`manifest.allowed_roots`, or by default a local manifest's folder (none if remote)."""
@@ -202,6 +238,8 @@ class Manifest:
         return "parquet"
 
     def _dataset(self, path: str, column_names: tuple[str, ...] = ()) -> ds.Dataset:
+        if self.format == "tar":
+            return ds.dataset(self._tar_table(path))
         fs = None if self.local else PyFileSystem(FSSpecHandler(self.fs))
         try:
             return ds.dataset(path, format=self._file_format(column_names), filesystem=fs)
@@ -215,6 +253,8 @@ class Manifest:
 
     def _columns(self) -> tuple[str, str]:
         """Configured column names, falling back to known aliases (LAION `URL`, `TEXT`)."""
+        if self.format == "tar":  # the index's own columns: source `TAR#KEY`, caption `KEY.txt`
+            return "source", "caption"
         first = self.files[0]
         try:
             names = set(self._dataset(first).schema.names)

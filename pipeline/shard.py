@@ -36,6 +36,7 @@ from pipeline.fetch import Fetcher, is_remote
 from pipeline.manifest import ShardPlan
 from pipeline.storage import OutputStore
 from pipeline.untrusted import SourcePolicy, redact_text
+from pipeline.wds_input import TarRows
 from pipeline.worker_cache import WORKER_CACHE
 from pipeline.worker_env import keep_heap_pages
 from pipeline.writer import ShardWriter, iter_tar_samples, read_status
@@ -179,11 +180,14 @@ class ShardTask:
         kept)."""
         keys, settled, first_row = [], {}, {}
         policy = self._policy(plan)
+        tar_rows = TarRows(plan.columns)
         for pos, source in enumerate(plan.sources):
             key = sample_key(source) if source else ""
             keys.append(key)
             row = plan.first_row + pos
-            if not source:
+            if (unusable := tar_rows.failure(pos)) is not None:  # a tar sample with no media...
+                settled[pos] = unusable
+            elif not source:
                 column = "video" if plan.kind == "videos" else "image"
                 settled[pos] = ("failed", "missing_file", f"manifest row {row}: the {column} column is empty")
             elif (refused := self._allowed(policy, source)) is not None:
@@ -229,9 +233,11 @@ class ShardTask:
         flow = RowFlow(plan, keys, settled, encode, writer, old_samples, self._batch_samples(kind),
                        tuple(self.cfg.manifest.redact_query_params))
         timing = flow.timing
+        tar_rows = TarRows(plan.columns)
         try:
             sources = [
-                None if pos in settled else plan.fetch_urls.get(pos, s) for pos, s in enumerate(plan.sources)
+                None if pos in settled else tar_rows.target(pos, s, plan.fetch_urls.get(pos, s), policy)
+                for pos, s in enumerate(plan.sources)
             ]
             fetched = fetcher.prefetch(sources)
             for pos, source in enumerate(plan.sources):
@@ -252,6 +258,7 @@ class ShardTask:
                     if isinstance(decoded, tuple):
                         flow.settle(pos, decoded)
                     else:
+                        tar_rows.annotate(pos, decoded)
                         flow.add(pos, decoded, self.cfg.execution.batches_in_flight)
                 flow.flush()
             flow.drain()

@@ -1,0 +1,165 @@
+"""WebDataset tars as manifests, without Ray: indexing (header reads, offsets), bad samples as
+failed rows with reasons, manifest-level errors, brace expansion, folders, S3, range fetches."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from pathlib import Path
+
+import pytest
+from wdslib import i2d_tars, sample, tar_of, v2d_tars
+
+from core.shard_format import SampleError
+from pipeline.config import HttpConfig, ManifestConfig
+from pipeline.fetch import Fetcher
+from pipeline.manifest import Manifest, ManifestError, ShardPlanner
+from pipeline.untrusted import SourcePolicy
+from pipeline.wds_input import MemberRef, TarRows, index_tar
+
+
+class CountingFile(io.BytesIO):
+    """Counts the bytes read: indexing must not read media members."""
+
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.bytes_read = 0
+
+    def read(self, n: int = -1) -> bytes:
+        out = super().read(n)
+        self.bytes_read += len(out)
+        return out
+
+
+def rows(manifest: Manifest, size: int = 1000) -> list:
+    return list(ShardPlanner(manifest, size).run())
+
+
+def test_index_reads_headers_only_and_offsets_point_at_the_media():
+    video = bytes(range(256)) * 4000  # 1 MB "mp4": never read while indexing
+    members = sample("000000000", "mp4", video, "a red ball", {"url": "u0", "clip": [0, 4]})
+    members += sample("000000001", "mp4", video[::-1], "a blue cube", {"url": "u1"})
+    data = tar_of(members)
+    fh = CountingFile(data)
+    table = index_tar(fh, "/d/00000.tar", "videos").to_pylist()
+    assert fh.bytes_read < 20_000  # headers, captions and JSON, not 2 MB of video
+    assert [r["source"] for r in table] == ["/d/00000.tar#000000000", "/d/00000.tar#000000001"]
+    assert [r["caption"] for r in table] == ["a red ball", "a blue cube"]
+    assert json.loads(table[0]["_wds_meta"]) == {"url": "u0", "clip": [0, 4]}
+    for row, want in zip(table, (video, video[::-1])):
+        assert data[row["_wds_offset"] : row["_wds_offset"] + row["_wds_size"]] == want
+        assert row["_wds_reason"] is None
+
+
+def test_bad_samples_become_failed_rows_naming_tar_and_key():
+    members = [
+        *sample("a", "mp4", b"v" * 10, None, {"url": "no caption"}),
+        *sample("b", None, None, "only a caption", {"url": "no media"}),
+        *sample("c", "mp4", b"v" * 10, "bad json", None),
+        ("c.json", b"{not json"),
+        *sample("d", "mp4", b"v" * 10, "caption", None),
+        ("d.txt", b"again"),  # two captions: which one is meant?
+        ("../e.mp4", b"v" * 10),
+        ("../e.txt", b"traversal"),
+        ("f.mp4", b""),
+        ("f.txt", b"empty"),
+        *sample("g", "jpg", b"i" * 10, "an image in a video tar", None),
+    ]
+    table = index_tar(io.BytesIO(tar_of(members)), "s3://b/x.tar", "videos").to_pylist()
+    got = {r["source"].split("#")[1]: (r["_wds_reason"], r["_wds_detail"]) for r in table}
+    assert got["a"][0] == "bad_caption" and "s3://b/x.tar" in got["a"][1] and "'a'" in got["a"][1]
+    assert got["b"][0] == "missing_file" and "no media member" in got["b"][1]
+    assert got["c"][0] == "decode_error" and "c.json" in got["c"][1]
+    assert got["d"][0] == "bad_caption" and "two" in got["d"][1]
+    assert got["../e"][0] == "forbidden_path"
+    assert got["f"][0] == "empty_file"
+    assert got["g"][0] == "missing_file"  # a jpg is not a video: counted, not dropped
+    assert len(table) == 7  # every sample is a row
+
+
+def test_rows_failed_by_the_index_are_settled_before_any_fetch(tmp_path):
+    (tmp_path / "x.tar").write_bytes(tar_of(sample("k", "mp4", b"v", None, None)))
+    plan = rows(Manifest(str(tmp_path / "x.tar"), "videos", ManifestConfig(), {}))[0]
+    assert TarRows(plan.columns).failure(0)[:2] == ("failed", "bad_caption")
+    assert TarRows({}).failure(0) is None  # parquet/CSV manifests: no-op
+
+
+def test_not_a_tar_or_compressed_is_a_manifest_error_naming_the_file(tmp_path):
+    good = tar_of(sample("k", "mp4", b"v", "c", None))
+    (tmp_path / "00000.tar").write_bytes(good)
+    (tmp_path / "00001.tar").write_bytes(b"this is not a tar at all " * 40)
+    with pytest.raises(ManifestError, match="00001.tar"):
+        Manifest(str(tmp_path), "videos", ManifestConfig(), {})
+    (tmp_path / "00001.tar").write_bytes(gzip.compress(good))
+    with pytest.raises(ManifestError, match=r"00001.tar.*gzip"):
+        Manifest(str(tmp_path), "videos", ManifestConfig(), {})
+    # A valid first header and garbage after it: found while planning, still naming the file.
+    (tmp_path / "00001.tar").write_bytes(good[:512] + b"\xff" * 1024)
+    manifest = Manifest(str(tmp_path), "videos", ManifestConfig(), {})
+    with pytest.raises(ManifestError, match="00001.tar"):
+        rows(manifest)
+
+
+def test_folder_of_tars_ignores_stats_json_and_keeps_tar_order(synthetic, tmp_path):
+    records = v2d_tars(synthetic, tmp_path / "v2d")
+    manifest = Manifest(str(tmp_path / "v2d"), "videos", ManifestConfig(), {})
+    assert manifest.format == "tar" and len(manifest.files) == 3
+    plans = rows(manifest, size=4)
+    assert [len(p.sources) for p in plans] == [4, 4, 1]  # shard N = samples N*S .. N*S+S-1
+    sources = [s for p in plans for s in p.sources]
+    assert sources == [f"{r['tar']}#{r['key']}" for r in records]
+    assert [c for p in plans for c in p.captions] == [r["caption"] for r in records]
+
+
+def test_brace_expansion_in_brace_order_and_missing_files_named(synthetic, tmp_path):
+    records = i2d_tars(synthetic, tmp_path / "i2d", per_tar=2)
+    pattern = str(tmp_path / "i2d" / "{00002,{00000..00001}}.tar")
+    plans = rows(Manifest(pattern, "images", ManifestConfig(), {}))
+    keys = [s.split("#")[1] for s in plans[0].sources]
+    assert keys == [r["key"] for r in records[4:6] + records[:4]]
+    with pytest.raises(ManifestError, match=r"1 of 4 files.*00009.tar"):
+        Manifest(str(tmp_path / "i2d" / "{{00000..00002},00009}.tar"), "images", ManifestConfig(), {})
+
+
+def test_fetch_reads_the_member_by_offset_and_checks_the_tar_against_the_roots(synthetic, tmp_path):
+    records = v2d_tars(synthetic, tmp_path / "v2d")
+    manifest = Manifest(str(tmp_path / "v2d"), "videos", ManifestConfig(), {})
+    plan = rows(manifest)[0]
+    fetcher = Fetcher(HttpConfig())
+    ok = SourcePolicy(roots=manifest.roots)
+    refs = [TarRows(plan.columns).target(i, s, s, ok) for i, s in enumerate(plan.sources)]
+    assert [fetcher.fetch(r) for r in refs[:2]] == [Path(r["path"]).read_bytes() for r in records[:2]]
+    assert all(isinstance(r, MemberRef) for r in refs) and len(refs) == len(records)
+    elsewhere = SourcePolicy(roots=(str(synthetic),))
+    with pytest.raises(SampleError, match="allowed_roots") as err:
+        fetcher.fetch(TarRows(plan.columns).target(0, plan.sources[0], plan.sources[0], elsewhere))
+    assert err.value.reason == "forbidden_path"
+    small = Fetcher(HttpConfig(max_bytes=100))
+    assert [r for _, r in small.prefetch(refs[:1])][0].reason == "download_error"
+
+
+def test_tar_on_s3_with_braces(moto_s3, synthetic, tmp_path):
+    records = v2d_tars(synthetic, tmp_path / "v2d")
+    fs = moto_s3.fs()
+    fs.mkdir("wds")
+    for path in sorted((tmp_path / "v2d").iterdir()):
+        fs.put_file(str(path), f"wds/v2d/{path.name}")
+    url = "s3://wds/v2d/{00000..00002}.tar"
+    manifest = Manifest(url, "videos", ManifestConfig(), moto_s3.options())
+    plan = rows(manifest)[0]
+    assert plan.sources[0] == f"s3://wds/v2d/00000.tar#{records[0]['key']}"
+    assert manifest.roots == ()  # a remote manifest's rows may only name URLs
+    fetcher = Fetcher(HttpConfig(), moto_s3.options())
+    ref = TarRows(plan.columns).target(4, plan.sources[4], plan.sources[4], SourcePolicy())
+    assert fetcher.fetch(ref) == Path(records[4]["path"]).read_bytes()
+    assert [r["rows"] for r in manifest.file_records()] == [3, 3, 3]
+
+
+def test_tarinfo_names_follow_webdataset_grouping():
+    # dir/KEY.ext groups by the full stem; a key seen again later is a second row (a duplicate
+    # source, which the planner fails as `duplicate`).
+    members = sample("d/k1", "png", b"p", "one", None) + sample("d/k2", "png", b"p", "two", None)
+    members += sample("d/k1", "png", b"p", "again", None)
+    table = index_tar(io.BytesIO(tar_of(members)), "/t.tar", "images").to_pylist()
+    assert [r["source"] for r in table] == ["/t.tar#d/k1", "/t.tar#d/k2", "/t.tar#d/k1"]
