@@ -35,7 +35,7 @@ from pipeline.config import COLUMN_ALIASES, ManifestConfig
 from pipeline.storage import url_to_fs
 from pipeline.untrusted import configured_roots, default_roots, redact_text, redact_url
 from pipeline.wds_input import COLUMNS as TAR_COLUMNS
-from pipeline.wds_input import TarInputError, brace_files, check_tar_head, index_tar_file
+from pipeline.wds_input import TarIndexer, TarInputError, brace_files
 
 FORMATS = {
     ".parquet": "parquet",
@@ -142,9 +142,10 @@ class Manifest:
                 f"manifest {url} mixes formats {sorted(formats)}; use one format per manifest"
             )
         self.format = formats.pop()
-        self._tar_cache: tuple[str, pa.Table] | None = None
         if self.format == "tar":
-            self._check_tars()
+            urls = [f if self.local else self.fs.unstrip_protocol(f) for f in self.files]
+            self._tars = TarIndexer(self.fs, self.files, urls, kind)
+            self._tar_call(self._tars.check_heads, [self._display(f) for f in self.files])
         self.source_column, self.caption_column = self._columns()
         # More columns each shard task needs (clip spans, `manifest.extra_columns`), in order.
         self.extra_names: list[str] = list(TAR_COLUMNS) if self.format == "tar" else []
@@ -196,22 +197,11 @@ class Manifest:
                                 f"brace pattern do not exist, first {self._display(missing[0])}")
         return files
 
-    def _check_tars(self) -> None:  # one 512-byte read per tar: a wrong file fails before work
+    def _tar_call(self, fn: Any, *args: Any) -> Any:
         try:
-            for path in self.files:
-                check_tar_head(self.fs, path, self._display(path))
+            return fn(*args)
         except TarInputError as exc:
-            raise ManifestError(str(exc)) from None
-
-    def _tar_table(self, path: str) -> pa.Table:
-        """The rows of one tar input (pipeline/wds_input.py), indexed once per pass."""
-        if self._tar_cache is None or self._tar_cache[0] != path:
-            url = path if self.local else self.fs.unstrip_protocol(path)
-            try:
-                self._tar_cache = (path, index_tar_file(self.fs, path, url, self.kind))
-            except TarInputError as exc:
-                raise ManifestError(redact_text(str(exc), self.cfg.redact_query_params)) from None
-        return self._tar_cache[1]
+            raise ManifestError(redact_text(str(exc), self.cfg.redact_query_params)) from None
 
     def _roots(self, path: str) -> tuple[str, ...]:
         """`manifest.allowed_roots`, or by default a local manifest's folder (none if remote)."""
@@ -239,7 +229,7 @@ class Manifest:
 
     def _dataset(self, path: str, column_names: tuple[str, ...] = ()) -> ds.Dataset:
         if self.format == "tar":
-            return ds.dataset(self._tar_table(path))
+            return ds.dataset(self._tar_call(self._tars.table, path))
         fs = None if self.local else PyFileSystem(FSSpecHandler(self.fs))
         try:
             return ds.dataset(path, format=self._file_format(column_names), filesystem=fs)
