@@ -214,6 +214,8 @@ def brace_files(fs: Any, path: str) -> tuple[list[str], list[str]]:
 
     strip = fs._strip_protocol
     files = [strip(f) for f in braceexpand(path)]
+    if "http" in fs.protocol or "https" in fs.protocol:  # no listings on the web: opening tells
+        return files, []
     listed: set[str] = set()
     for folder in sorted({posixpath.dirname(f) for f in files}):
         if fs.isdir(folder):
