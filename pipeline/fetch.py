@@ -200,7 +200,7 @@ class Fetcher:
 
     def fetch(self, source: str | MemberRef) -> bytes | None:
         if isinstance(source, MemberRef):  # a tar input's media member (pipeline/wds_input.py)
-            return read_member(source, self._filesystem, self.http.max_bytes)
+            return read_member(source, self._filesystem, self.http.max_bytes, self._http)
         if not is_remote(source):
             return None
         if source.startswith(("http://", "https://")):
@@ -231,7 +231,9 @@ class Fetcher:
             self._fs[protocol] = url_to_fs(url, self.options)[0]
         return self._fs[protocol]
 
-    def _http(self, url: str) -> bytes:
+    def _http(self, url: str, byte_range: tuple[int, int] | None = None) -> bytes:
+        """The body of `url`, or with `byte_range` (start, size) just those bytes (a tar input's
+        media member: an HTTP Range request, under the same address checks and deadline)."""
         shown = self.shown(url)
         attempts = self.http.retries + 1
         last_reason, last_detail = "download_error", ""
@@ -240,7 +242,7 @@ class Fetcher:
                 delay = min(self.http.max_backoff_s, self.http.backoff_s * 2 ** (attempt - 1))
                 time.sleep(delay * random.uniform(0.5, 1.5))
             try:
-                return self._http_once(url)
+                return self._http_once(url, byte_range)
             except HTTPStatusError as exc:
                 last_reason, last_detail = "download_error", str(exc)
                 if exc.code not in RETRY_STATUS:
@@ -257,13 +259,13 @@ class Fetcher:
         detail = redact_text(last_detail, self.redact_params)
         raise SampleError(last_reason, f"{shown}: {detail} (after {attempts} attempts)")
 
-    def _http_once(self, url: str) -> bytes:
+    def _http_once(self, url: str, byte_range: tuple[int, int] | None = None) -> bytes:
         """One attempt: every hop of the redirect chain and the body, within one Deadline."""
         deadline = Deadline(self.http.timeout_s)
         first = url
         try:
             for _ in range(self.http.max_redirects + 1):
-                conn, response = self._request(url, deadline)
+                conn, response = self._request(url, deadline, byte_range)
                 try:
                     location = response.getheader("Location")
                     if response.status in REDIRECT_STATUS and location:
@@ -272,6 +274,8 @@ class Fetcher:
                     if response.status >= 300:
                         raise HTTPStatusError(response.status, response.reason)
                     self._check_opt_out(url, response)
+                    if byte_range is not None and response.status != 206:  # would send the whole tar
+                        raise SampleError("download_error", f"{self.shown(url)}: Range request not served")
                     return self._read_body(url, response, deadline)
                 finally:  # the response holds the socket open until it is closed itself
                     response.close()
@@ -290,7 +294,7 @@ class Fetcher:
         finally:
             deadline.cancel()
 
-    def _request(self, url: str, deadline: Deadline):
+    def _request(self, url: str, deadline: Deadline, byte_range: tuple[int, int] | None = None):
         try:
             parts = urlsplit(url)
             host = parts.hostname or ""
@@ -307,6 +311,8 @@ class Fetcher:
             "?" + quote(parts.query, safe=URL_SAFE + "=") if parts.query else ""
         )
         headers = {"User-Agent": self.http.user_agent}
+        if byte_range is not None:
+            headers["Range"] = f"bytes={byte_range[0]}-{byte_range[0] + byte_range[1] - 1}"
         if parts.username is not None:  # https://user:password@host/ (stored redacted)
             token = f"{parts.username}:{parts.password or ''}".encode()
             headers["Authorization"] = "Basic " + base64.b64encode(token).decode()

@@ -313,13 +313,20 @@ class TarRows:
             decoded.meta["source_meta"] = json.loads(self.columns["_wds_meta"][pos])
 
 
-def read_member(ref: MemberRef, filesystem: Any, max_bytes: int) -> bytes:
+def read_member(ref: MemberRef, filesystem: Any, max_bytes: int, http: Any) -> bytes:
     """The media member's bytes: the tar is checked against the policy right before it is opened
     (a local tar swapped for a symlink meanwhile is refused), then `size` bytes are read at
-    `offset`. `filesystem(url)` gives the fsspec filesystem of a URL. SampleError on failure."""
+    `offset`: `http(url, (offset, size))` for http(s) (the fetcher's guarded client: address
+    checks, deadline, retries), `filesystem(url)` (fsspec) for s3/gs/..., a seek for a local
+    tar. SampleError on failure."""
     ref.policy.check(ref.url)
     if ref.size > max_bytes:
         raise SampleError("download_error", f"{ref.shown}: {ref.size} bytes, over http.max_bytes={max_bytes}")
+    if ref.url.startswith(("http://", "https://")):
+        data = http(ref.url, (ref.offset, ref.size))
+        if len(data) != ref.size:
+            raise SampleError("download_error", f"{ref.shown}: {len(data)} bytes, asked for {ref.size}")
+        return data
     try:
         if "://" in ref.url:
             data = filesystem(ref.url).cat_file(ref.url, start=ref.offset, end=ref.offset + ref.size)

@@ -163,3 +163,73 @@ def test_tarinfo_names_follow_webdataset_grouping():
     members += sample("d/k1", "png", b"p", "again", None)
     table = index_tar(io.BytesIO(tar_of(members)), "/t.tar", "images").to_pylist()
     assert [r["source"] for r in table] == ["/t.tar#d/k1", "/t.tar#d/k2", "/t.tar#d/k1"]
+
+
+@pytest.fixture
+def tar_server(synthetic, tmp_path):
+    """HTTP on 127.0.0.1 serving video2dataset tars at `/v2d/0000N.tar` with Range support, and
+    the same bytes at `/norange/...` without it. Yields (base URL, records)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    records = v2d_tars(synthetic, tmp_path / "v2d")
+    files = {f"/v2d/{p.name}": p.read_bytes() for p in (tmp_path / "v2d").glob("*.tar")}
+    files.update({f"/norange/{p.name}": p.read_bytes() for p in (tmp_path / "v2d").glob("*.tar")})
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _reply(self, head: bool) -> None:
+            data = files.get(self.path)
+            if data is None:
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            wanted = self.headers.get("Range")
+            if wanted and not self.path.startswith("/norange/"):
+                start, end = (int(v) for v in wanted.split("=")[1].split("-"))
+                body = data[start : end + 1]
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{start + len(body) - 1}/{len(data)}")
+            else:
+                body = data
+                self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+            if not head:
+                self.wfile.write(body)
+
+        def do_HEAD(self):
+            self._reply(True)
+
+        def do_GET(self):
+            self._reply(False)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", records
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_tars_over_http_range_reads_through_the_guarded_client(tar_server):
+    base, records = tar_server
+    manifest = Manifest(base + "/v2d/{00000..00002}.tar", "videos", ManifestConfig(), {})
+    plan = rows(manifest)[0]
+    assert plan.sources == [f"{base}/v2d/{r['tar'][-9:]}#{r['key']}" for r in records]
+    tar_rows, policy = TarRows(plan.columns), SourcePolicy()
+    loopback_ok = Fetcher(HttpConfig(allowed_networks=["127.0.0.1/32"]))
+    ref = tar_rows.target(4, plan.sources[4], plan.sources[4], policy)
+    assert loopback_ok.fetch(ref) == Path(records[4]["path"]).read_bytes()
+    with pytest.raises(SampleError) as err:  # the media read is a row's download: address rules
+        Fetcher(HttpConfig()).fetch(ref)
+    assert err.value.reason == "blocked_address"
+    norange = MemberRef(ref.url.replace("/v2d/", "/norange/"), ref.offset, ref.size, ref.shown, policy)
+    with pytest.raises(SampleError, match="Range request not served"):
+        loopback_ok.fetch(norange)
