@@ -35,7 +35,7 @@ from pipeline.config import COLUMN_ALIASES, ManifestConfig
 from pipeline.storage import url_to_fs
 from pipeline.untrusted import configured_roots, default_roots, redact_text, redact_url
 from pipeline.wds_input import COLUMNS as TAR_COLUMNS
-from pipeline.wds_input import TarIndexer, TarInputError, brace_files
+from pipeline.wds_input import TarIndexer, TarInputError, brace_files, drop_tar_sidecars
 
 FORMATS = {
     ".parquet": "parquet",
@@ -173,8 +173,7 @@ class Manifest:
                 files = sorted(self.fs.glob(path))
             elif self.fs.isdir(path):
                 files = sorted(f for f in self.fs.find(path) if os.path.splitext(f)[1].lower() in FORMATS)
-                tars = [f for f in files if f.lower().endswith(".tar")]
-                files = tars or files  # a folder of tars also holds video2dataset's _stats.json
+                files = drop_tar_sidecars(files)  # a tar's _stats.json and .parquet are no manifests
             elif self.fs.exists(path):
                 files = [path]
             else:

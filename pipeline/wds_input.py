@@ -223,6 +223,21 @@ def brace_files(fs: Any, path: str) -> tuple[list[str], list[str]]:
     return files, [f for f in files if f not in listed]
 
 
+def drop_tar_sidecars(files: list[str]) -> list[str]:
+    """A folder's files without what video2dataset/img2dataset write beside each tar
+    (`00000_stats.json`, `00000.parquet`): those are not manifests. Anything else stays, so a
+    parquet manifest next to tars is still a 'mixes formats' error, not silently ignored."""
+    stems = {f[: -len(".tar")] for f in files if f.lower().endswith(".tar")}
+    if not stems:
+        return files
+
+    def sidecar(f: str) -> bool:
+        stem = posixpath.splitext(f)[0]
+        return not f.lower().endswith(".tar") and (stem in stems or stem.removesuffix("_stats") in stems)
+
+    return [f for f in files if not sidecar(f)]
+
+
 def check_tar_head(fs: Any, path: str, shown: str) -> None:
     """A cheap up-front check (one 512-byte read): `path` starts like a plain tar, so a wrong or
     compressed file fails before any work starts. Corruption further in surfaces while planning."""

@@ -110,6 +110,12 @@ def test_folder_of_tars_ignores_stats_json_and_keeps_tar_order(synthetic, tmp_pa
     sources = [s for p in plans for s in p.sources]
     assert sources == [f"{r['tar']}#{r['key']}" for r in records]
     assert [c for p in plans for c in p.captions] == [r["caption"] for r in records]
+    images = i2d_tars(synthetic, tmp_path / "i2d")  # beside each tar: _stats.json and a .parquet
+    plan = rows(Manifest(str(tmp_path / "i2d"), "images", ManifestConfig(), {}))[0]
+    assert len(plan.sources) == len(images)
+    (tmp_path / "i2d" / "mine.parquet").write_bytes((tmp_path / "i2d" / "00000.parquet").read_bytes())
+    with pytest.raises(ManifestError, match="mixes formats"):  # a real manifest is not ignored
+        Manifest(str(tmp_path / "i2d"), "images", ManifestConfig(), {})
 
 
 def test_brace_expansion_in_brace_order_and_missing_files_named(synthetic, tmp_path):

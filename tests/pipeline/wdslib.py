@@ -64,4 +64,7 @@ def _write(folder: Path, files: list[tuple[Path, str]], per_tar: int, tool: str)
                                 path=str(path)))
         (folder / f"{shard:05d}.tar").write_bytes(tar_of(members))
         (folder / f"{shard:05d}_stats.json").write_text(json.dumps({"count": len(members) // 3}))
+        if tool == "i2d":  # img2dataset also writes a parquet of its rows beside each tar
+            pd.DataFrame([{"key": r["key"], "caption": r["caption"]} for r in records[t:]]).to_parquet(
+                folder / f"{shard:05d}.parquet", index=False)
     return records
