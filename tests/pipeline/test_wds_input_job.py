@@ -110,12 +110,17 @@ def test_captions_and_source_meta_read_back(wds_run, wds_inputs):
             assert "latents.npy" in samples[key]
 
 
-def test_rerun_resumes_and_a_fresh_run_is_byte_identical(wds_run, wds_inputs, prep_module, tmp_path):
+def test_rerun_resumes_retries_and_a_fresh_run_is_byte_identical(wds_run, wds_inputs, prep_module, tmp_path):
     out, argv = wds_run
     before = tar_bytes(out)
     (out / "videos" / "000001.json").unlink()  # a shard not committed is redone
     assert prep_module(*argv) == 0
     assert tar_bytes(out) == before
+    failed = status(out, "videos").query("status == 'failed'")
+    assert prep_module(*argv, "--retry-failed") == 0  # the bad samples are redone, and fail again
+    assert tar_bytes(out) == before
+    assert status(out, "videos").query("status == 'failed'")[["source", "reason"]].equals(
+        failed[["source", "reason"]])
     fresh = tmp_path / "again"
     assert prep_module(*argv[:-1], str(fresh)) == 0
     assert tar_bytes(fresh) == before
