@@ -36,7 +36,7 @@ from pipeline.untrusted import SourcePolicy
 
 MEDIA = {"videos": ("mp4", "webm", "mkv", "avi", "mov"), "images": ("jpg", "jpeg", "png", "webp")}
 MAX_TEXT_BYTES = 1 << 20  # a caption or a sample's JSON record; img2dataset's are < 10 kB
-INDEX_BLOCK_BYTES = 256 << 10  # remote read size while indexing (headers + .txt/.json)
+INDEX_BLOCK_BYTES = 1 << 20  # remote read size while indexing: s3fs reads 50 MB per seek otherwise
 INDEX_AHEAD = 8  # tars indexed at once, ahead of the planner (remote reads are latency-bound)
 MAX_SAMPLES = 1 << 21  # per tar: video2dataset writes 10k-100k, img2dataset 10k
 COLUMNS = ("_wds_member", "_wds_offset", "_wds_size", "_wds_meta", "_wds_reason", "_wds_detail")
