@@ -120,7 +120,7 @@ class SeenSources:
 def _format_of(path: str) -> str:
     ext = os.path.splitext(path)[1].lower()
     if ext not in FORMATS:
-        raise ManifestError(f"manifest {path}: unknown format {ext!r}; use .parquet, .csv or .jsonl")
+        raise ManifestError(f"manifest {path}: unknown format {ext!r}; use .parquet, .csv, .jsonl or .tar")
     return FORMATS[ext]
 
 
@@ -185,7 +185,7 @@ class Manifest:
             raise ManifestError(f"manifest {self.shown} cannot be read: {detail}") from exc
         if not files:
             raise ManifestError(
-                f"manifest {self.shown}: no such file, or no .parquet/.csv/.jsonl files match"
+                f"manifest {self.shown}: no such file, or no .parquet/.csv/.jsonl/.tar files match"
             )
         return files
 

@@ -318,7 +318,8 @@ class TarRows:
         if not self.on:
             return fetch
         key = split_name(self.columns["_wds_member"][pos])[0]
-        tar_url = fetch[: len(fetch) - len(key) - 1]  # the source is f"{tar_url}#{key}"
+        # The source is f"{tar_url}#{key}" (a key may hold "#"; the manifest strips whitespace).
+        tar_url = fetch[: -len(key) - 1] if fetch.endswith("#" + key) else fetch.rsplit("#", 1)[0]
         return MemberRef(tar_url, self.columns["_wds_offset"][pos], self.columns["_wds_size"][pos],
                          stored, policy)
 

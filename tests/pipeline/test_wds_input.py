@@ -239,3 +239,12 @@ def test_tars_over_http_range_reads_through_the_guarded_client(tar_server):
     norange = MemberRef(ref.url.replace("/v2d/", "/norange/"), ref.offset, ref.size, ref.shown, policy)
     with pytest.raises(SampleError, match="Range request not served"):
         loopback_ok.fetch(norange)
+
+
+def test_member_ref_finds_the_tar_of_odd_keys():
+    members = sample("a#b", "png", b"p", "hash in key", None) + sample(" pad ", "png", b"q", "spaces", None)
+    table = index_tar(io.BytesIO(tar_of(members)), "/t.tar", "images")
+    columns = {name: table.column(name).to_pylist() for name in table.column_names}
+    stored = [s.strip() for s in columns["source"]]  # as the manifest stores them
+    refs = [TarRows(columns).target(i, s, s, SourcePolicy()) for i, s in enumerate(stored)]
+    assert [r.url for r in refs] == ["/t.tar", "/t.tar"] and [r.size for r in refs] == [1, 1]
