@@ -14,6 +14,7 @@ from typing import Any
 from pipeline.config import PrepConfig, prep_fingerprint
 from pipeline.lease import Lease
 from pipeline.manifest import Manifest
+from pipeline.plan import cut
 from pipeline.resume import FileCheck, compare
 from pipeline.storage import KINDS, OutputStore
 from pipeline.untrusted import redact_url
@@ -57,8 +58,10 @@ class Preflight:
         if not self.args.videos and not self.args.images:
             raise JobError("nothing to do: pass --videos MANIFEST and/or --images MANIFEST")
         opts = self.cfg.storage.options
+        out = OutputStore(self.args.out, opts)
+        plan_root = out.path("_plan") if out.is_local else out.fs.unstrip_protocol(out.path("_plan"))
         manifests = {
-            kind: Manifest(url, kind, self.cfg.manifest, opts)
+            kind: Manifest(url, kind, self.cfg.manifest, opts, plan_root=plan_root)
             for kind, url in self.args.manifests().items()
             if url
         }
@@ -125,6 +128,30 @@ class Preflight:
                 ready.checks[kind] = check
                 if check.change:
                     ready.problems.append(check.message(kind, out))
+            if url and not (kind in ready.checks and ready.checks[kind].change):
+                self._verify_pieces(ready, kind)
+
+    def _verify_pieces(self, ready: Ready, kind: str) -> None:
+        """The last committed shard's stats json names the (file, row range) pieces it was cut
+        from: today's plan must cut it the same way (one read; works without dataset.json)."""
+        manifest, size = ready.manifests[kind], self.cfg.samples_per_shard
+        redo = ready.checks[kind].redo if kind in ready.checks else set()
+        done = sorted(ready.store.committed(kind) - redo)
+        if not done or manifest.count_rows() is None:
+            return
+        stats = ready.store.read_json(ready.store.shard_path(kind, done[-1], "json")) or {}
+        if "pieces" not in stats:
+            return
+        was = [(p["file"], p["start"], p["stop"]) for p in stats["pieces"]]
+        now = next(([(p.file, p.start, p.stop) for p in pieces] for index, _, pieces
+                    in cut(manifest.plan_files(), size, done[-1] * size) if index == done[-1]), [])
+        if was and was != now:
+            file, start, stop = next((p for p in was if p not in now), was[0])
+            ready.problems.append(
+                f"{self.args.out}/{kind}/{done[-1]:06d} was cut from {file} rows {start}..{stop - 1}, but "
+                "today's manifest files put other rows there: a manifest file changed since it was "
+                "written. Restore it, write to another --out, or pass --overwrite to start again"
+            )
 
     def _drop_partial_shards(self, ready: Ready) -> None:
         """Files were appended: the old partial last shard is redone whole. Its commit marker goes
