@@ -39,7 +39,7 @@ from pipeline.plan import PlanFile, ReadSpec, ShardPlan, ShardPlanner, resolve_s
 from pipeline.storage import url_to_fs
 from pipeline.untrusted import configured_roots, default_roots, redact_text, redact_url
 from pipeline.wds_input import COLUMNS as TAR_COLUMNS
-from pipeline.wds_input import TarIndexer, TarInputError, brace_files, drop_tar_sidecars
+from pipeline.wds_input import TarInputError, brace_files, check_tar_heads, drop_tar_sidecars, index_tar_file
 
 FORMATS = {
     ".parquet": "parquet",
@@ -83,10 +83,8 @@ class Manifest:
                 f"manifest {url} mixes formats {sorted(formats)}; use one format per manifest"
             )
         self.format = formats.pop()
-        if self.format == "tar":
-            urls = [f if self.local else self.fs.unstrip_protocol(f) for f in self.files]
-            self._tars = TarIndexer(self.fs, self.files, urls, kind)
-            self._tar_call(self._tars.check_heads, [self._display(f) for f in self.files])
+        if self.format == "tar":  # one 512-byte read per tar: a wrong file fails before any work
+            self._tar_call(check_tar_heads, self.fs, self.files, [self._display(f) for f in self.files])
         self.source_column, self.caption_column = self._columns()
         # More columns each shard task needs (clip spans, `manifest.extra_columns`), in order.
         self.extra_names: list[str] = list(TAR_COLUMNS) if self.format == "tar" else []
@@ -271,7 +269,7 @@ class Manifest:
 
     def _dataset(self, path: str, column_names: tuple[str, ...] = ()) -> ds.Dataset:
         if self.format == "tar":
-            return ds.dataset(self._tar_call(self._tars.table, path))
+            return ds.dataset(self._tar_call(index_tar_file, self.fs, path, self._url(path)))
         fs = None if self.local else PyFileSystem(FSSpecHandler(self.fs))
         try:
             return ds.dataset(path, format=self._file_format(column_names), filesystem=fs)

@@ -180,7 +180,7 @@ class ShardTask:
         kept)."""
         keys, settled, first_row = [], {}, {}
         policy = self._policy(plan)
-        tar_rows = TarRows(plan.columns)
+        tar_rows = TarRows(plan)
         for pos, source in enumerate(plan.sources):
             key = sample_key(source) if source else ""
             keys.append(key)
@@ -234,7 +234,7 @@ class ShardTask:
         flow = RowFlow(plan, keys, settled, encode, writer, old_samples, self._batch_samples(kind),
                        tuple(self.cfg.manifest.redact_query_params))
         timing = flow.timing
-        tar_rows = TarRows(plan.columns)
+        tar_rows = TarRows(plan)
         try:
             sources = [
                 None if pos in settled else tar_rows.target(pos, s, plan.fetch_urls.get(pos, s), policy)

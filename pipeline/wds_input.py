@@ -24,11 +24,13 @@ from __future__ import annotations
 import json
 import posixpath
 import tarfile
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from core.shard_format import SampleError
 from core.shards.tar import COMPRESSED_MAGIC, ShardError, _CappedTarInfo, check_plain_tar, split_name
@@ -37,20 +39,16 @@ from pipeline.untrusted import SourcePolicy
 MEDIA = {"videos": ("mp4", "webm", "mkv", "avi", "mov"), "images": ("jpg", "jpeg", "png", "webp")}
 MAX_TEXT_BYTES = 1 << 20  # a caption or a sample's JSON record; img2dataset's are < 10 kB
 INDEX_BLOCK_BYTES = 1 << 20  # remote read size while indexing: s3fs reads 50 MB per seek otherwise
-INDEX_AHEAD = 8  # tars indexed at once, ahead of the planner (remote reads are latency-bound)
 MAX_SAMPLES = 1 << 21  # per tar: video2dataset writes 10k-100k, img2dataset 10k
-COLUMNS = ("_wds_member", "_wds_offset", "_wds_size", "_wds_meta", "_wds_reason", "_wds_detail")
+KINDS = tuple(MEDIA)
+# Per kind: the first media member of that kind (name, data offset, size) and how many there are,
+# so one conversion of a tar serves --videos and --images alike.
+MEDIA_COLUMNS = tuple(f"_wds_{k}{suffix}" for k in KINDS for suffix in ("", "_at", "_size", "_n"))
+COLUMNS = (*MEDIA_COLUMNS, "_wds_meta", "_wds_reason", "_wds_detail")
 SCHEMA = pa.schema(
-    [
-        ("source", pa.string()),
-        ("caption", pa.string()),
-        ("_wds_member", pa.string()),
-        ("_wds_offset", pa.int64()),
-        ("_wds_size", pa.int64()),
-        ("_wds_meta", pa.string()),
-        ("_wds_reason", pa.string()),
-        ("_wds_detail", pa.string()),
-    ]
+    [("source", pa.string()), ("caption", pa.string())]
+    + [(c, pa.string() if c.endswith(KINDS) else pa.int64()) for c in MEDIA_COLUMNS]
+    + [("_wds_meta", pa.string()), ("_wds_reason", pa.string()), ("_wds_detail", pa.string())]
 )
 
 
@@ -65,7 +63,7 @@ def _reject_constant(name: str) -> Any:
 @dataclass
 class _Sample:
     key: str
-    media: tuple[str, int, int] | None = None  # member name, data offset, size
+    media: dict[str, list[tuple[str, int, int]]] = field(default_factory=lambda: {k: [] for k in KINDS})
     caption: str | None = None
     meta: str | None = None
     problem: tuple[str, str] | None = None  # (reason, detail), the first one found
@@ -77,19 +75,16 @@ class _Sample:
 @dataclass
 class _Index:
     tar_url: str
-    kind: str
     rows: dict[str, list[Any]] = field(default_factory=lambda: {n: [] for n in SCHEMA.names})
 
     def add(self, s: _Sample) -> None:
-        where = f"{self.tar_url}: sample {s.key!r}"
-        if s.problem is None and s.media is None:
-            exts = "/".join(MEDIA[self.kind])
-            s.fail("missing_file", f"{where} has no media member ({exts}) for --{self.kind}")
-        if s.problem is None and s.caption is None:
-            s.fail("bad_caption", f"{where} has no .txt member (its caption)")
-        name, offset, size = s.media or (None, None, None)
-        values = (f"{self.tar_url}#{s.key}", s.caption, name, offset, size, s.meta,
-                  *(s.problem or (None, None)))
+        if s.problem is None and s.caption is None and any(s.media.values()):
+            s.fail("bad_caption", f"{self.tar_url}: sample {s.key!r} has no .txt member (its caption)")
+        values: list[Any] = [f"{self.tar_url}#{s.key}", s.caption]
+        for kind in KINDS:
+            first = s.media[kind][0] if s.media[kind] else (None, None, None)
+            values += [*first, len(s.media[kind])]
+        values += [s.meta, *(s.problem or (None, None))]
         for column, value in zip(SCHEMA.names, values):
             self.rows[column].append(value)
 
@@ -119,19 +114,14 @@ def _take(tar: tarfile.TarFile, info: tarfile.TarInfo, ext: str, sample: _Sample
     if info.name.startswith("/") or ".." in parts:  # never extracted, but a stranger's name
         sample.fail("forbidden_path", f"{where}: member name {info.name!r} is absolute or has '..'")
         return
-    wanted = ext in MEDIA[index.kind] or ext in ("txt", "json")
-    if not wanted:
-        return  # other members (`.cls`, the other media kind, ...) are skipped unread
+    kind = next((k for k in KINDS if ext in MEDIA[k]), None)
+    if kind is None and ext not in ("txt", "json"):
+        return  # other members (`.cls`, `.npy`, ...) are skipped unread
     if not info.isreg() or info.issparse():
         sample.fail("forbidden_path", f"{where}: member {info.name!r} is a link or special file")
         return
-    if ext in MEDIA[index.kind]:
-        if sample.media is not None:
-            sample.fail("decode_error", f"{where}: two media members ({sample.media[0]}, {info.name})")
-        elif info.size == 0:
-            sample.fail("empty_file", f"{where}: {info.name} is empty (0 bytes)")
-        else:
-            sample.media = (info.name, info.offset_data, info.size)
+    if kind is not None:  # its bytes are read by the shard task, by offset and size
+        sample.media[kind].append((info.name, info.offset_data, info.size))
         return
     text = _read_text(tar, info, sample, where)
     if text is None:
@@ -154,11 +144,11 @@ def _take(tar: tarfile.TarFile, info: tarfile.TarInfo, ext: str, sample: _Sample
     sample.meta = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
 
 
-def index_tar(fileobj: IO[bytes], tar_url: str, kind: str) -> pa.Table:
+def index_tar(fileobj: IO[bytes], tar_url: str) -> pa.Table:
     """Rows of one tar (see the module doc), in tar order. `fileobj` must be seekable: media
     members are seeked over, so the cost is the headers plus the `.txt`/`.json` members.
     Raises TarInputError (naming `tar_url`) when it is not a readable plain tar."""
-    index, sample = _Index(tar_url, kind), None
+    index, sample = _Index(tar_url), None
     count = 0
     try:
         check_plain_tar(fileobj)
@@ -195,12 +185,12 @@ def _check_end(fileobj: IO[bytes], offset: int) -> None:
         raise ShardError(f"invalid tar header at byte {offset}")
 
 
-def index_tar_file(fs: Any, path: str, tar_url: str, kind: str) -> pa.Table:
+def index_tar_file(fs: Any, path: str, tar_url: str) -> pa.Table:
     """`index_tar` of `path` on fsspec filesystem `fs`; storage errors become TarInputError."""
     try:
         # Small read blocks: each header skipped to is one range read, not a 5 MB readahead.
         with fs.open(path, "rb", block_size=INDEX_BLOCK_BYTES) as fh:
-            return index_tar(fh, tar_url, kind)
+            return index_tar(fh, tar_url)
     except TarInputError:
         raise
     except OSError as exc:
@@ -255,33 +245,21 @@ def check_tar_head(fs: Any, path: str, shown: str) -> None:
         raise TarInputError(f"tar input {shown} is not a tar ({exc}); pass WebDataset .tar shards") from None
 
 
-class TarIndexer:
-    """The tars of one manifest, indexed in order with up to `INDEX_AHEAD` in flight in threads:
-    on S3 one header is one range read, so a tar at a time would leave the planner waiting."""
+def check_tar_heads(fs: Any, files: list[str], shown: list[str]) -> None:
+    """`check_tar_head` of every file, 8 at once (object stores: one round trip each); the first
+    bad file in manifest order raises."""
+    with ThreadPoolExecutor(8, thread_name_prefix="tar-head") as pool:
+        for _ in pool.map(lambda a: check_tar_head(fs, *a), zip(files, shown)):
+            pass
 
-    def __init__(self, fs: Any, files: list[str], urls: list[str], kind: str):
-        self.fs, self.files, self.urls, self.kind = fs, files, urls, kind
-        self.position = {path: i for i, path in enumerate(files)}
-        self.pending: dict[int, Future] = {}
-        self.pool: ThreadPoolExecutor | None = None
 
-    def check_heads(self, shown: list[str]) -> None:
-        """`check_tar_head` of every file (in parallel); the first bad one in order raises."""
-        with ThreadPoolExecutor(INDEX_AHEAD, thread_name_prefix="tar-head") as pool:
-            for _ in pool.map(lambda a: check_tar_head(self.fs, *a), zip(self.files, shown)):
-                pass
-
-    def table(self, path: str) -> pa.Table:
-        if self.pool is None:
-            self.pool = ThreadPoolExecutor(INDEX_AHEAD, thread_name_prefix="tar-index")
-        first = self.position[path]
-        for i in range(first, min(len(self.files), first + INDEX_AHEAD)):
-            if i not in self.pending:
-                args = (self.fs, self.files[i], self.urls[i], self.kind)
-                self.pending[i] = self.pool.submit(index_tar_file, *args)
-        for i in [i for i in self.pending if i < first]:  # an earlier pass given up on
-            self.pending.pop(i).cancel()
-        return self.pending.pop(first).result()
+def convert_tar(fs: Any, path: str, sink: Any, batch_rows: int) -> None:
+    """The "tar" converter of `pipeline/plan_convert.py`: one tar's index -> one parquet file
+    (a Ray task per tar, before any shard; reused while the tar is unchanged)."""
+    tar_url = path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+    table = index_tar_file(fs, path, tar_url)
+    with pq.ParquetWriter(sink, SCHEMA, compression="zstd") as writer:
+        writer.write_table(table, row_group_size=batch_rows)
 
 
 # ------------------------------------------------------------------------- the shard task's side
@@ -302,26 +280,42 @@ class TarRows:
     """The tar-input columns of one `ShardPlan`, if it has them (otherwise every call is a no-op,
     so parquet/CSV/JSONL manifests run exactly as before)."""
 
-    def __init__(self, columns: dict[str, list[Any]]):
-        self.on = all(c in columns for c in COLUMNS)
-        self.columns = columns
+    def __init__(self, plan: Any):
+        self.on = all(c in plan.columns for c in COLUMNS)
+        self.columns, self.sources, self.kind = plan.columns, plan.sources, plan.kind
+
+    def _media(self, pos: int) -> tuple[str | None, int, int, int]:
+        k = f"_wds_{self.kind}"
+        return tuple(self.columns[k + suffix][pos] for suffix in ("", "_at", "_size", "_n"))
 
     def failure(self, pos: int) -> tuple[str, str, str] | None:
-        """The index's verdict on row `pos` (no media, no caption...), as a failed result."""
-        if not self.on or self.columns["_wds_reason"][pos] is None:
+        """Why row `pos` cannot be used (the index's verdict: no caption, a link...; or no, two
+        or an empty media member of this kind), as a failed result; None if it can."""
+        if not self.on:
             return None
-        return ("failed", self.columns["_wds_reason"][pos], self.columns["_wds_detail"][pos] or "")
+        if self.columns["_wds_reason"][pos] is not None:
+            return ("failed", self.columns["_wds_reason"][pos], self.columns["_wds_detail"][pos] or "")
+        name, _, size, count = self._media(pos)
+        where = f"{self.sources[pos]}: input sample"
+        if count == 0:
+            exts = "/".join(MEDIA[self.kind])
+            return ("failed", "missing_file", f"{where} has no media member ({exts}) for --{self.kind}")
+        if count > 1:
+            return ("failed", "decode_error", f"{where} has {count} media members; which one is meant?")
+        if size == 0:
+            return ("failed", "empty_file", f"{where}: {name} is empty (0 bytes)")
+        return None
 
     def target(self, pos: int, stored: str, fetch: str, policy: SourcePolicy) -> MemberRef | str:
         """What to fetch for row `pos`: its media member, or `fetch` itself for other inputs.
         `stored`/`fetch` are `TAR_URL#KEY` as stored and as downloaded (unredacted)."""
         if not self.on:
             return fetch
-        key = split_name(self.columns["_wds_member"][pos])[0]
+        name, offset, size, _ = self._media(pos)
+        key = split_name(name)[0]
         # The source is f"{tar_url}#{key}" (a key may hold "#"; the manifest strips whitespace).
         tar_url = fetch[: -len(key) - 1] if fetch.endswith("#" + key) else fetch.rsplit("#", 1)[0]
-        return MemberRef(tar_url, self.columns["_wds_offset"][pos], self.columns["_wds_size"][pos],
-                         stored, policy)
+        return MemberRef(tar_url, offset, size, stored, policy)
 
     def annotate(self, pos: int, decoded: Any) -> None:
         """Put the sample's own JSON record into its `KEY.json`, as `source_meta`."""
