@@ -108,7 +108,7 @@ def main() -> None:
         with open(path, "rb") as raw:
             counted = Counted(raw)
             t = time.perf_counter()
-            n = index_tar(io.BufferedReader(counted, 8 << 10), str(path), "videos").num_rows
+            n = index_tar(io.BufferedReader(counted, 8 << 10), str(path)).num_rows
             local_s = time.perf_counter() - t
             rows.append(("local", local_s, counted.read_bytes, n, full_read(lambda: open(path, "rb"))))
         with MotoS3() as s3:
@@ -118,7 +118,7 @@ def main() -> None:
             fs.invalidate_cache()
             ranges = count_range_reads()
             t = time.perf_counter()
-            n = index_tar_file(fs, "bench/00000.tar", "s3://bench/00000.tar", "videos").num_rows
+            n = index_tar_file(fs, "bench/00000.tar", "s3://bench/00000.tar").num_rows
             index_s = time.perf_counter() - t
             requests, read = len(ranges), sum(ranges)
             rows.append(("s3 (moto)", index_s, read, n, full_read(lambda: fs.open("bench/00000.tar", "rb"))))

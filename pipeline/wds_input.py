@@ -1,22 +1,29 @@
 """WebDataset tars as input (video2dataset / img2dataset output): `--videos`/`--images` TARS.
 
-A tar is indexed once, reading headers only, into an Arrow table of rows in tar order: one row
-per input sample (members grouped the webdataset way, `dir/KEY.ext`), with
+A tar is indexed once, reading headers only, into a table of rows in tar order: one row per
+input sample (members grouped the webdataset way, `dir/KEY.ext`), with
 - `source` = `TAR_URL#KEY` (the sample key hashes it), `caption` = the `.txt` member,
-- `_wds_member`, `_wds_offset`, `_wds_size`: the media member (mp4/webm/mkv/avi/mov for
-  videos, jpg/jpeg/png/webp for images) and where its bytes lie inside the tar,
+- per kind, `_wds_videos` / `_wds_images` (+ `_at`, `_size`, `_n`): the first media member of
+  that kind (mp4/webm/mkv/avi/mov; jpg/jpeg/png/webp), where its bytes lie inside the tar, and
+  how many there are, so one index serves `--videos` and `--images`,
 - `_wds_meta`: the `.json` member (video2dataset/img2dataset's own record), which becomes
   `source_meta` in `KEY.json`,
-- `_wds_reason`, `_wds_detail`: why the sample cannot be used (no media member, no caption,
-  a link or `..` name...); the shard task fails such a row with that reason before any read.
-These travel to the shard task as extra manifest columns (`ShardPlan.columns`), and the task
-reads just the media member's bytes by offset and size (`read_member`: a local seek or an
-fsspec range read), after `SourcePolicy.check` of the tar itself (docs/untrusted.md).
+- `_wds_reason`, `_wds_detail`: why the sample cannot be used (no caption, a link or `..`
+  name, bad JSON...).
+`convert_tar` is the "tar" converter of `pipeline/plan_convert.py`: one Ray task per tar writes
+that table as parquet under `OUT/_plan/convert/` before any shard, and the planner cuts shards
+from its row counts like any manifest file. The columns travel to the shard task as extra
+manifest columns (`ShardPlan.columns`); `TarRows` fails unusable rows there before any read
+(also no, two or an empty media member of the task's kind) and reads just the media member's
+bytes by offset and size (`read_member`: a local seek, an fsspec range read, or an HTTP Range
+request through the guarded client), after `SourcePolicy.check` of the tar (docs/untrusted.md).
 
 Tars come from strangers: plain tar only (never decompressed), pax/GNU long-name headers
 capped (`core.shards.tar`), `.txt`/`.json` members read only up to `MAX_TEXT_BYTES`, media
 members never read here (their size is checked against `http.max_bytes` at fetch), at most
-`MAX_SAMPLES` samples per tar. A file that is not a tar is a `TarInputError` naming it.
+`MAX_SAMPLES` samples per tar, and a tar that ends early or has a bad header past the first is
+refused whole (tarfile would stop there quietly). A file that is not a tar is a
+`TarInputError` naming it.
 """
 
 from __future__ import annotations
