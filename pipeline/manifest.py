@@ -1,4 +1,5 @@
-"""Manifests (parquet, CSV, JSONL; a file, a directory or a glob; any fsspec URL): their files.
+"""Manifests (parquet, CSV, JSONL, WebDataset tars; a file, a directory, a glob or a brace
+pattern `{00000..00999}`; any fsspec URL): their files. Tars: `pipeline/wds_input.py`.
 
 The driver never reads rows: it lists the files, reads their metadata (size, ETag or mtime,
 parquet footers) and plans shards from row counts (`pipeline/plan.py`); shard tasks read their
