@@ -51,6 +51,7 @@ from pipeline.untrusted import (
     redact_text,
     redact_url,
 )
+from pipeline.wds_input import MemberRef, read_member
 
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 REDIRECT_STATUS = {301, 302, 303, 307, 308}
@@ -197,7 +198,9 @@ class Fetcher:
     def shown(self, url: str) -> str:
         return redact_url(url, self.redact_params)
 
-    def fetch(self, source: str) -> bytes | None:
+    def fetch(self, source: str | MemberRef) -> bytes | None:
+        if isinstance(source, MemberRef):  # a tar input's media member (pipeline/wds_input.py)
+            return read_member(source, self._filesystem, self.http.max_bytes, self._http)
         if not is_remote(source):
             return None
         if source.startswith(("http://", "https://")):
@@ -207,10 +210,7 @@ class Fetcher:
     def _fsspec(self, url: str) -> bytes:
         shown = self.shown(url)
         try:
-            protocol = url.split("://", 1)[0]
-            if protocol not in self._fs:
-                self._fs[protocol] = url_to_fs(url, self.options)[0]
-            fs = self._fs[protocol]
+            fs = self._filesystem(url)
             size = fs.size(url)
             if size is not None and size > self.http.max_bytes:
                 raise SampleError(
@@ -225,7 +225,15 @@ class Fetcher:
             detail = redact_text(f"{type(exc).__name__}: {exc}", self.redact_params)
             raise SampleError("download_error", f"{shown}: {detail}") from None
 
-    def _http(self, url: str) -> bytes:
+    def _filesystem(self, url: str) -> Any:
+        protocol = url.split("://", 1)[0]
+        if protocol not in self._fs:
+            self._fs[protocol] = url_to_fs(url, self.options)[0]
+        return self._fs[protocol]
+
+    def _http(self, url: str, byte_range: tuple[int, int] | None = None) -> bytes:
+        """The body of `url`, or with `byte_range` (start, size) just those bytes (a tar input's
+        media member: an HTTP Range request, under the same address checks and deadline)."""
         shown = self.shown(url)
         attempts = self.http.retries + 1
         last_reason, last_detail = "download_error", ""
@@ -234,7 +242,7 @@ class Fetcher:
                 delay = min(self.http.max_backoff_s, self.http.backoff_s * 2 ** (attempt - 1))
                 time.sleep(delay * random.uniform(0.5, 1.5))
             try:
-                return self._http_once(url)
+                return self._http_once(url, byte_range)
             except HTTPStatusError as exc:
                 last_reason, last_detail = "download_error", str(exc)
                 if exc.code not in RETRY_STATUS:
@@ -251,13 +259,13 @@ class Fetcher:
         detail = redact_text(last_detail, self.redact_params)
         raise SampleError(last_reason, f"{shown}: {detail} (after {attempts} attempts)")
 
-    def _http_once(self, url: str) -> bytes:
+    def _http_once(self, url: str, byte_range: tuple[int, int] | None = None) -> bytes:
         """One attempt: every hop of the redirect chain and the body, within one Deadline."""
         deadline = Deadline(self.http.timeout_s)
         first = url
         try:
             for _ in range(self.http.max_redirects + 1):
-                conn, response = self._request(url, deadline)
+                conn, response = self._request(url, deadline, byte_range)
                 try:
                     location = response.getheader("Location")
                     if response.status in REDIRECT_STATUS and location:
@@ -266,6 +274,8 @@ class Fetcher:
                     if response.status >= 300:
                         raise HTTPStatusError(response.status, response.reason)
                     self._check_opt_out(url, response)
+                    if byte_range is not None and response.status != 206:  # would send the whole tar
+                        raise SampleError("download_error", f"{self.shown(url)}: Range request not served")
                     return self._read_body(url, response, deadline)
                 finally:  # the response holds the socket open until it is closed itself
                     response.close()
@@ -284,7 +294,7 @@ class Fetcher:
         finally:
             deadline.cancel()
 
-    def _request(self, url: str, deadline: Deadline):
+    def _request(self, url: str, deadline: Deadline, byte_range: tuple[int, int] | None = None):
         try:
             parts = urlsplit(url)
             host = parts.hostname or ""
@@ -301,6 +311,8 @@ class Fetcher:
             "?" + quote(parts.query, safe=URL_SAFE + "=") if parts.query else ""
         )
         headers = {"User-Agent": self.http.user_agent}
+        if byte_range is not None:
+            headers["Range"] = f"bytes={byte_range[0]}-{byte_range[0] + byte_range[1] - 1}"
         if parts.username is not None:  # https://user:password@host/ (stored redacted)
             token = f"{parts.username}:{parts.password or ''}".encode()
             headers["Authorization"] = "Basic " + base64.b64encode(token).decode()
@@ -349,7 +361,7 @@ class Fetcher:
             raise http.client.IncompleteRead(b"", response.length)
         return b"".join(chunks)
 
-    def safe_fetch(self, source: str | None) -> Fetched:
+    def safe_fetch(self, source: str | MemberRef | None) -> Fetched:
         if source is None:
             return None, None
         try:
@@ -357,7 +369,7 @@ class Fetcher:
         except SampleError as exc:
             return None, exc
 
-    def prefetch(self, sources: Iterable[str | None]) -> Iterator[Fetched]:
+    def prefetch(self, sources: Iterable[str | MemberRef | None]) -> Iterator[Fetched]:
         """Fetch results in input order, with up to `max_concurrency` downloads running ahead.
 
         A None source is passed through untouched (rows that need no fetch)."""
@@ -365,7 +377,7 @@ class Fetcher:
         with ThreadPoolExecutor(window, thread_name_prefix="fetch") as pool:
             pending: deque[Future | Fetched] = deque()
             for source in sources:
-                if source is not None and is_remote(source):
+                if isinstance(source, MemberRef) or (source is not None and is_remote(source)):
                     pending.append(pool.submit(self.safe_fetch, source))
                 else:
                     pending.append((None, None))

@@ -1,4 +1,5 @@
-"""Manifests (parquet, CSV, JSONL; a file, a directory or a glob; any fsspec URL): their files.
+"""Manifests (parquet, CSV, JSONL, WebDataset tars; a file, a directory, a glob or a brace
+pattern `{00000..00999}`; any fsspec URL): their files. Tars: `pipeline/wds_input.py`.
 
 The driver never reads rows: it lists the files, reads their metadata (size, ETag or mtime,
 parquet footers) and plans shards from row counts (`pipeline/plan.py`); shard tasks read their
@@ -39,6 +40,8 @@ from pipeline.config import COLUMN_ALIASES, ManifestConfig
 from pipeline.plan import PlanFile, ReadSpec, ShardPlan, ShardPlanner, resolve_source  # noqa: F401
 from pipeline.storage import url_to_fs
 from pipeline.untrusted import configured_roots, default_roots, redact_text, redact_url
+from pipeline.wds_input import COLUMNS as TAR_COLUMNS
+from pipeline.wds_input import TarInputError, brace_files, check_tar_heads, drop_tar_sidecars, index_tar_file
 
 FORMATS = {
     ".parquet": "parquet",
@@ -47,6 +50,7 @@ FORMATS = {
     ".jsonl": "json",
     ".json": "json",
     ".ndjson": "json",
+    ".tar": "tar",  # WebDataset shards (video2dataset / img2dataset output): pipeline/wds_input.py
 }
 KIND_COLUMN = {"videos": "video_column", "images": "image_column"}
 
@@ -58,7 +62,7 @@ class ManifestError(ValueError):
 def _format_of(path: str) -> str:
     ext = os.path.splitext(path)[1].lower()
     if ext not in FORMATS:
-        raise ManifestError(f"manifest {path}: unknown format {ext!r}; use .parquet, .csv or .jsonl")
+        raise ManifestError(f"manifest {path}: unknown format {ext!r}; use .parquet, .csv, .jsonl or .tar")
     return FORMATS[ext]
 
 
@@ -81,12 +85,17 @@ class Manifest:
                 f"manifest {url} mixes formats {sorted(formats)}; use one format per manifest"
             )
         self.format = formats.pop()
+        if self.format == "tar":  # one 512-byte read per tar: a wrong file fails before any work
+            self._tar_call(check_tar_heads, self.fs, self.files, [self._display(f) for f in self.files])
         self.clips = ClipSpec()  # clip spans and source template (pipeline/clips.py), by _columns
         self.source_column, self.caption_column = self._columns()
-        # More columns each shard task needs (clip spans, `manifest.extra_columns`), in order.
-        self.extra_names: list[str] = [
-            c for c in self.clips.columns() if c not in (self.source_column, self.caption_column)
-        ]
+        # More columns each shard task needs (tar members, clip spans, `manifest.extra_columns`,
+        # the row filter's), in order.
+        self.extra_names: list[str] = list(TAR_COLUMNS) if self.format == "tar" else []
+        self.extra_names.extend(
+            c for c in self.clips.columns()
+            if c not in (self.source_column, self.caption_column) and c not in self.extra_names
+        )
         self.extra_names.extend(c for c in self._filter_columns() if c not in self.extra_names)
         if cfg.allowed_roots is None and self.local:
             self.roots = tuple(dict.fromkeys(self.roots + self.clips.roots()))
@@ -217,22 +226,40 @@ class Manifest:
     def _files(self, path: str) -> list[str]:
         try:
             web = self.url.startswith(("http://", "https://"))  # "?" starts a query, not a glob
-            if not web and any(ch in path for ch in "*?["):
+            if "{" in path:
+                files = self._brace_files(path)
+            elif not web and any(ch in path for ch in "*?["):
                 files = sorted(self.fs.glob(path))
             elif self.fs.isdir(path):
                 files = sorted(f for f in self.fs.find(path) if os.path.splitext(f)[1].lower() in FORMATS)
+                files = drop_tar_sidecars(files)  # a tar's _stats.json and .parquet are no manifests
             elif self.fs.exists(path):
                 files = [path]
             else:
                 files = []
+        except ManifestError:
+            raise
         except (OSError, ValueError) as exc:
             detail = redact_text(f"{type(exc).__name__}: {exc}", self.cfg.redact_query_params)
             raise ManifestError(f"manifest {self.shown} cannot be read: {detail}") from exc
         if not files:
             raise ManifestError(
-                f"manifest {self.shown}: no such file, or no .parquet/.csv/.jsonl files match"
+                f"manifest {self.shown}: no such file, or no .parquet/.csv/.jsonl/.tar files match"
             )
         return files
+
+    def _brace_files(self, path: str) -> list[str]:
+        files, missing = brace_files(self.fs, path)
+        if missing:
+            raise ManifestError(f"manifest {self.shown}: {len(missing)} of {len(files)} files of the "
+                                f"brace pattern do not exist, first {self._display(missing[0])}")
+        return files
+
+    def _tar_call(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except TarInputError as exc:
+            raise ManifestError(redact_text(str(exc), self.cfg.redact_query_params)) from None
 
     def _roots(self, path: str) -> tuple[str, ...]:
         """`manifest.allowed_roots`, or by default a local manifest's folder (none if remote)."""
@@ -259,6 +286,8 @@ class Manifest:
         return "parquet"
 
     def _dataset(self, path: str, column_names: tuple[str, ...] = ()) -> ds.Dataset:
+        if self.format == "tar":
+            return ds.dataset(self._tar_call(index_tar_file, self.fs, path, self._url(path)))
         fs = None if self.local else PyFileSystem(FSSpecHandler(self.fs))
         try:
             return ds.dataset(path, format=self._file_format(column_names), filesystem=fs)
@@ -272,6 +301,8 @@ class Manifest:
 
     def _columns(self) -> tuple[str, str]:
         """Configured column names, falling back to known aliases (LAION `URL`, `TEXT`)."""
+        if self.format == "tar":  # the index's own columns: source `TAR#KEY`, caption `KEY.txt`
+            return "source", "caption"
         first = self.files[0]
         if self.format not in ("parquet", "csv", "json"):  # a registered converter's rows: as configured
             return getattr(self.cfg, KIND_COLUMN[self.kind]), self.cfg.caption_column

@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.storage import url_to_fs
+from pipeline.wds_input import convert_tar
 
 SEALED = "__higen_sealed"  # real values of redacted media cells, AES-GCM under the run's key
 SEALED_BY = b"higen.sealed_by"  # parquet metadata: digest of the key that sealed them
@@ -82,6 +83,7 @@ def convert_json(fs: Any, path: str, sink: Any, batch_rows: int) -> None:
 
 register("csv", convert_csv)
 register("json", convert_json)
+register("tar", convert_tar, (".tar",))  # WebDataset tars: video2dataset/img2dataset output
 
 
 def conversion_url(plan_root: str, record: dict[str, Any], fmt: str) -> str:

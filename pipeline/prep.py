@@ -26,9 +26,13 @@ from pipeline.untrusted import DEFAULT_REDACT_PARAMS, redact_text
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipeline.prep", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--videos", help="video manifest: parquet/CSV/JSONL file, folder or glob, any fsspec URL"
+        "--videos",
+        help="video manifest: parquet/CSV/JSONL file, folder or glob, any fsspec URL; or WebDataset "
+        "tars (video2dataset output): a folder, a glob or 'DIR/{00000..00099}.tar'",
     )
-    parser.add_argument("--images", help="image manifest (LAION-style `URL`/`TEXT` columns work as is)")
+    parser.add_argument(
+        "--images", help="image manifest (LAION-style `URL`/`TEXT` columns work as is), or img2dataset tars"
+    )
     parser.add_argument(
         "--out", required=True, help="output root: local path or fsspec URL (s3://bucket/prefix)"
     )

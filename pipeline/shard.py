@@ -40,6 +40,7 @@ from pipeline.plan import ShardPlan
 from pipeline.splitting import make_splitter, split_rows
 from pipeline.storage import OutputStore
 from pipeline.untrusted import SourcePolicy, redact_text
+from pipeline.wds_input import TarRows
 from pipeline.worker_cache import WORKER_CACHE
 from pipeline.worker_env import keep_heap_pages
 from pipeline.writer import ShardWriter, iter_tar_samples, read_status
@@ -216,10 +217,14 @@ class ShardTask:
         kept, spans that do not parse), and the clips of rows with spans."""
         keys, settled, first_row, clips = [], {}, {}, {}
         policy = self._policy(plan)
+        tar_rows = TarRows(plan)
         for pos, source in enumerate(plan.sources):
             key = sample_key(source) if source else ""
             keys.append(key)
             row = plan.first_row + pos
+            if (unusable := tar_rows.failure(pos)) is not None:  # a tar sample with no media...
+                settled[pos] = unusable
+                continue
             if not source:
                 column = "video" if plan.kind == "videos" else "image"
                 settled[pos] = ("failed", "missing_file", f"manifest row {row}: the {column} column is empty")
@@ -303,7 +308,11 @@ class ShardTask:
         try:
             # One fetch and one open per video: rows naming the same source decode together.
             groups = decode_groups(plan.sources, settled)
-            fetched = fetcher.prefetch([plan.fetch_urls.get(rows[0], source) for source, rows in groups])
+            tar_rows = TarRows(plan)  # a `TAR_URL#KEY` source reads just its member (wds_input.py)
+            fetched = fetcher.prefetch([
+                tar_rows.target(rows[0], source, plan.fetch_urls.get(rows[0], source), policy)
+                for source, rows in groups
+            ])
             for source, rows in groups:
                 t = time.perf_counter()
                 data, error = next(fetched)
@@ -331,6 +340,7 @@ class ShardTask:
                         flow.settle(slot, decoded)
                     else:
                         filters.annotate(decoded, slot)  # KEY.json `extra`
+                        tar_rows.annotate(slot if isinstance(slot, int) else slot[0], decoded)  # source_meta
                         flow.add(slot, decoded, self.cfg.execution.batches_in_flight)
                     flow.flush()
             flow.drain()
