@@ -157,7 +157,7 @@ class Manifest:
             return None
         from pipeline.plan_convert import conversion_url, converted_rows
 
-        self.read_urls[path] = conversion_url(self.plan_root, rec, self.format)
+        self.read_urls[path] = conversion_url(self.plan_root, rec, self.format, self.kind)
         return converted_rows(self.read_urls[path], self.storage_options)
 
     def _check_columns(self, path: str, names: list[str]) -> None:

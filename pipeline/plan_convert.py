@@ -86,11 +86,12 @@ register("json", convert_json)
 register("tar", convert_tar, (".tar",))  # WebDataset tars: video2dataset/img2dataset output
 
 
-def conversion_url(plan_root: str, record: dict[str, Any], fmt: str) -> str:
+def conversion_url(plan_root: str, record: dict[str, Any], fmt: str, kind: str = "rows") -> str:
     """Where the conversion of the file `record` (path, size, ETag, mtime) lives."""
     blob = json.dumps([CONVERT_VERSION, fmt, record.get("path"), record.get("size"), record.get("etag"),
                        record.get("mtime")], sort_keys=True)
-    return f"{plan_root.rstrip('/')}/convert/{hashlib.sha256(blob.encode()).hexdigest()[:24]}.parquet"
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:24]
+    return f"{plan_root.rstrip('/')}/convert/{kind}-{digest}.parquet"
 
 
 def key_id(key: bytes | None) -> bytes:
@@ -198,3 +199,23 @@ def convert_all(jobs: list[tuple[str, str, str]], options: dict[str, Any], batch
     remote = ray.remote(convert_file).options(num_cpus=1, max_retries=2)
     return ray.get([remote.remote(fmt, src, dst, options, batch_rows, column, params, key)
                     for fmt, src, dst in jobs])
+
+
+def prune_plan(store: Any, manifests: list[Any], size: int) -> None:
+    """Delete what `OUT/_plan/` holds for files the manifests no longer list (older versions of
+    a changed file, another manifest's): only the current conversions and dedupe results stay."""
+    from pipeline.dedupe import pass_key
+
+    keep_convert = {url.rsplit("/", 1)[-1] for m in manifests for url in m.read_urls.values()}
+    keep_dedupe = {f"{m.kind}-{pass_key(m.file_records(), m.read_spec(), size)}" for m in manifests}
+    kinds = {m.kind for m in manifests}
+    for folder, keep in (("convert", keep_convert), ("dedupe", keep_dedupe)):
+        try:
+            names = store.fs.ls(store.path("_plan", folder), detail=False)
+        except FileNotFoundError:
+            continue
+        # This run's kinds only (a rerun of one kind keeps the other's); finished files only.
+        base = [(n, n.rstrip("/").rsplit("/", 1)[-1]) for n in names]
+        stale = [n for n, b in base if b.split("-", 1)[0] in kinds and ".tmp-" not in b and b not in keep]
+        for name in stale:
+            store.fs.rm(name, recursive=True)

@@ -36,6 +36,7 @@ from pipeline.lease import Lease
 from pipeline.manifest import Manifest
 from pipeline.placement import actor_env, check_decoder, check_devices, local_model_paths
 from pipeline.plan import ShardPlanner
+from pipeline.plan_convert import prune_plan
 from pipeline.preflight import JobArgs, JobError, Preflight, Ready  # noqa: F401  (public names)
 from pipeline.shard import ShardTask
 from pipeline.statistics import FactorStats
@@ -272,6 +273,8 @@ class Finalize:
         self.write_index(index_rows)
         self.write_dataset_json(summary.totals, model_ids, complete=summary.complete, statistics=statistics)
         self.store.clean_tmp()
+        if summary.complete:  # conversions and dedupe results of files no longer in the manifests
+            prune_plan(self.store, list(self.ready.manifests.values()), self.cfg.samples_per_shard)
 
     def write_index(self, rows: list[dict[str, Any]]) -> None:
         """`OUT/index.parquet`: one row per committed shard, so readers (training's weighted shard

@@ -72,6 +72,9 @@ def test_csv_job_dedupe_resume_and_verification_fields(csv_parts, synthetic, ray
     assert after["000000.json"] == before["000000.json"] and after["000001.json"] == before["000001.json"]
     assert after["000002.json"] > before["000002.json"] and "000003.json" in after
     assert status(out).status.tolist() == ["ok"] * 4 + ["failed", "ok", "ok"]
+    # OUT/_plan keeps only what today's files need: 3 conversions, 1 dedupe result.
+    assert len(list((out / "_plan" / "convert").glob("images-*.parquet"))) == 3
+    assert [p.name.split("-")[0] for p in (out / "_plan" / "dedupe").iterdir()] == ["images"]
 
     # A changed CSV stops before any work, naming it and the first affected shard.
     good[:2].to_csv(folder / "part-1.csv", index=False)
