@@ -13,7 +13,7 @@
 2. Orchestration overhead per sample = (1-worker wall - plain wall) / N, also as a fraction of
    the plain loop's per-sample compute. Targets: 2 workers >= 1.6x plain; overhead <= 10%.
 3. Driver peak RSS while planning a 1M-row parquet manifest (a fresh interpreter that imports
-   ray and the job, then streams every row through `ShardPlanner` and `SeenSources`). Target <= 500 MB.
+   ray and the job, then plans every shard with `ShardPlanner`, from parquet footers). Target <= 500 MB.
 4. Bytes per 32-frame 448x256 sample, computed from the format (members + tar headers).
 
 Default config: configs/prep/tiny.yaml (tiny models, 8 frames at 128x64); pass overrides such
@@ -144,16 +144,15 @@ def planning_rss(root: Path, rows: int) -> dict:
 import json, time, psutil, ray
 import pipeline.runner
 from pipeline.config import PrepConfig
-from pipeline.manifest import Manifest, SeenSources, ShardPlanner
+from pipeline.manifest import Manifest, ShardPlanner
 base = psutil.Process().memory_info().rss
 t = time.perf_counter()
 cfg = PrepConfig()
 plans = rows = 0
-seen = SeenSources()  # what the driver also does per row: cross-shard duplicate marking
+# The driver plans from footers only (pipeline/plan.py); duplicates are a distributed pass.
 for plan in ShardPlanner(Manifest({str(path)!r}, "videos", cfg.manifest, {{}}), cfg.samples_per_shard).run():
-    seen.mark(plan)
     plans += 1
-    rows += len(plan.sources)
+    rows += plan.rows
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (large) parent process.
 hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM"))
 print(json.dumps(dict(rows=rows, plans=plans, seconds=time.perf_counter() - t, base_mb=base / 2**20,

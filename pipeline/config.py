@@ -233,6 +233,9 @@ class PrepConfig:
     http: HttpConfig = field(default_factory=HttpConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     samples_per_shard: int = 1000  # shard N holds manifest rows N*S .. N*S+S-1
+    # `source`: a source repeated later in the manifest fails `duplicate` (a distributed pass,
+    # pipeline/dedupe.py); `none`: only repeats within one shard do. Changes shard bytes.
+    dedupe: str = "source"
 
     def __post_init__(self) -> None:
         check(
@@ -240,6 +243,7 @@ class PrepConfig:
             "samples_per_shard",
             f"must be an integer >= 1, got {self.samples_per_shard!r}",
         )
+        check(self.dedupe in ("source", "none"), "dedupe", f"must be source or none, got {self.dedupe!r}")
 
 
 # Fields that never change a shard's bytes: excluded from the fingerprint.

@@ -1,9 +1,12 @@
-"""Manifests (parquet, CSV, JSONL; a file, a directory or a glob; any fsspec URL), streamed.
+"""Manifests (parquet, CSV, JSONL; a file, a directory or a glob; any fsspec URL): their files.
 
-Only two columns are read (media and caption), in Arrow batches of `manifest.batch_rows`:
-the driver never holds more than one batch plus the shards in flight, whatever the row count.
-Files of a directory or glob are read in sorted path order, so "manifest row N" means the
+The driver never reads rows: it lists the files, reads their metadata (size, ETag or mtime,
+parquet footers) and plans shards from row counts (`pipeline/plan.py`); shard tasks read their
+own row ranges. CSV/JSONL (and formats registered in `pipeline/plan_convert.py`) are converted
+to parquet under `OUT/_plan/` first, by Ray tasks (`Manifest.convert`), once per file version.
+Files of a directory or glob are taken in sorted path order, so "manifest row N" means the
 same row on every run. Relative media paths are resolved against the manifest file's folder.
+`Manifest.batches()` still streams rows, for tools and tests; the job does not use it.
 
 Rows come from strangers (docs/untrusted.md): each source is stored with its signatures
 redacted (`pipeline.untrusted.redact_url`; the key hashes that form) and the URL to download
@@ -19,19 +22,20 @@ from __future__ import annotations
 import os
 import posixpath
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
 import pyarrow.json as pajson
+import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from pipeline.config import COLUMN_ALIASES, ManifestConfig
+from pipeline.plan import PlanFile, ReadSpec, ShardPlan, ShardPlanner, resolve_source  # noqa: F401
 from pipeline.storage import url_to_fs
 from pipeline.untrusted import configured_roots, default_roots, redact_text, redact_url
 
@@ -50,70 +54,6 @@ class ManifestError(ValueError):
     """A manifest cannot be used; the message names the file/column and what to do."""
 
 
-@dataclass
-class ShardPlan:
-    """The manifest rows of one shard: rows first_row .. first_row+len(sources)-1."""
-
-    kind: str  # "videos" | "images"
-    index: int
-    first_row: int
-    sources: list[str | None]  # as stored: signatures redacted (the keys hash these)
-    captions: list[Any]
-    # position in this shard -> the earlier manifest row with the same source (any shard)
-    duplicate_of: dict[int, int] = field(default_factory=dict)
-    # position -> the URL to download, for rows whose stored source was redacted
-    fetch_urls: dict[int, str] = field(default_factory=dict)
-    roots: tuple[str, ...] = ()  # folders local rows may resolve into (`Manifest.roots`)
-    # More manifest columns of these rows, by name, as read (`Manifest.extra_names`): parquet
-    # lists stay lists, CSV values are strings. Clip spans and `manifest.extra_columns` read here.
-    columns: dict[str, list[Any]] = field(default_factory=dict)
-
-
-class SeenSources:
-    """The first manifest row of every source key seen so far, across all shards.
-
-    A repeated source must fail as `duplicate` even when its first row sits in another shard
-    (same key twice in a dataset). 16 bytes per row (64-bit key digest + row) in sorted numpy
-    arrays, merged from a small dict every `merge_at` new keys: 10M rows stay near 160 MB.
-    """
-
-    def __init__(self, merge_at: int = 1 << 18):
-        self.digests = np.empty(0, np.uint64)
-        self.rows = np.empty(0, np.int64)
-        self.pending: dict[int, int] = {}
-        self.merge_at = merge_at
-
-    def first_row(self, key: str, row: int) -> int | None:
-        """The earlier row of this key, or None (and remember `row` as its first)."""
-        digest = int(key[:16], 16)
-        if digest in self.pending:
-            return self.pending[digest]
-        i = int(np.searchsorted(self.digests, np.uint64(digest)))
-        if i < len(self.digests) and int(self.digests[i]) == digest:
-            return int(self.rows[i])
-        self.pending[digest] = row
-        if len(self.pending) >= self.merge_at:
-            self._merge()
-        return None
-
-    def _merge(self) -> None:
-        new = np.fromiter(self.pending.keys(), np.uint64, len(self.pending))
-        digests = np.concatenate([self.digests, new])
-        rows = np.concatenate([self.rows, np.fromiter(self.pending.values(), np.int64, len(new))])
-        order = np.argsort(digests, kind="stable")
-        self.digests, self.rows, self.pending = digests[order], rows[order], {}
-
-    def mark(self, plan: ShardPlan) -> ShardPlan:
-        from core.shard_format import sample_key
-
-        for pos, source in enumerate(plan.sources):
-            if source:
-                first = self.first_row(sample_key(source), plan.first_row + pos)
-                if first is not None:
-                    plan.duplicate_of[pos] = first
-        return plan
-
-
 def _format_of(path: str) -> str:
     ext = os.path.splitext(path)[1].lower()
     if ext not in FORMATS:
@@ -124,7 +64,8 @@ def _format_of(path: str) -> str:
 class Manifest:
     """One manifest (possibly many files) of one kind, ready to stream."""
 
-    def __init__(self, url: str, kind: str, cfg: ManifestConfig, storage_options: dict[str, Any]):
+    def __init__(self, url: str, kind: str, cfg: ManifestConfig, storage_options: dict[str, Any],
+                 plan_root: str | None = None):
         self.url = url
         self.shown = redact_url(url, cfg.redact_query_params)  # for messages: no signatures
         self.kind = kind
@@ -143,19 +84,118 @@ class Manifest:
         # More columns each shard task needs (clip spans, `manifest.extra_columns`), in order.
         self.extra_names: list[str] = []
         self.rows_streamed: dict[str, int] = {}  # per file, once `batches()` has read it whole
+        self.storage_options = storage_options
+        # Where CSV/JSONL conversions live (`OUT/_plan`); None: they cannot be planned.
+        self.plan_root = plan_root
+        self._records: list[dict[str, Any]] | None = None  # file_records(), metadata only
+        self.read_urls: dict[str, str] = {}  # file -> the parquet a task reads (itself or its conversion)
+        # Seals signed media URLs in this run's conversions (plan_convert.py): memory only.
+        self.seal_key = os.urandom(32)
 
     def file_records(self) -> list[dict[str, Any]]:
-        """Path, size, ETag or mtime, and row count (parquet footers; CSV/JSONL once streamed) of
-        every file, in manifest order: what `dataset.json` records and a rerun compares."""
+        """Path, size, ETag or mtime, and row count of every file, in manifest order: what
+        `dataset.json` records and a rerun compares. Metadata only: parquet footers, and for
+        CSV/JSONL the footer of their conversion under `OUT/_plan/` (rows None until converted)."""
         from pipeline.resume import file_record
 
-        def rows(path: str) -> int | None:
-            if path in self.rows_streamed:
-                return self.rows_streamed[path]
-            return self._dataset(path).count_rows() if self.format == "parquet" else None
+        if self._records is None:
+            params = self.cfg.redact_query_params  # a presigned manifest URL is stored redacted
 
-        params = self.cfg.redact_query_params  # a presigned manifest URL is stored redacted
-        return [file_record(self.fs, p, redact_url(self._display(p), params), rows(p)) for p in self.files]
+            def record(path: str) -> dict[str, Any]:
+                try:
+                    rec = file_record(self.fs, path, redact_url(self._display(path), params), None)
+                except (OSError, ValueError) as exc:
+                    raise ManifestError(f"manifest file {self._display(path)} cannot be read: {exc}") from exc
+                rec["rows"] = self._footer_rows(path, rec)
+                return rec
+
+            with ThreadPoolExecutor(16) as pool:  # object stores: one round trip each, overlapped
+                self._records = list(pool.map(record, self.files))
+        streamed = self.rows_streamed
+        return [dict(rec, rows=streamed.get(path) if rec["rows"] is None else rec["rows"])
+                for rec, path in zip(self._records, self.files)]
+
+    def _url(self, path: str) -> str:
+        return path if self.local else self.fs.unstrip_protocol(path)
+
+    def _footer_rows(self, path: str, rec: dict[str, Any]) -> int | None:
+        if self.format == "parquet":
+            self.read_urls[path] = self._url(path)
+            try:
+                with self.fs.open(path, "rb") as f:
+                    meta = pq.ParquetFile(f).metadata
+            except (OSError, pa.ArrowException) as exc:
+                raise ManifestError(
+                    f"manifest file {self._display(path)}: its parquet footer cannot be read ({exc}); "
+                    "restore or rewrite the file, or remove it from the manifest"
+                ) from exc
+            self._check_columns(path, meta.schema.to_arrow_schema().names)
+            return meta.num_rows
+        if self.plan_root is None:
+            return None
+        from pipeline.plan_convert import conversion_url, converted_rows
+
+        self.read_urls[path] = conversion_url(self.plan_root, rec, self.format)
+        return converted_rows(self.read_urls[path], self.storage_options)
+
+    def _check_columns(self, path: str, names: list[str]) -> None:
+        missing = [c for c in (self.source_column, self.caption_column, *self.extra_names) if c not in names]
+        if missing:
+            raise ManifestError(
+                f"manifest {self._display(path)} has no column {missing[0]!r} "
+                "(every file of a manifest needs the same columns)"
+            )
+
+    def convert(self) -> None:
+        """Convert the footer-less files not converted yet (one Ray task each) and record their
+        row counts. Parquet manifests need nothing."""
+        from pipeline.plan_convert import convert_all
+
+        if self.format == "parquet":
+            return
+        # Every file goes to a task: one whose conversion exists returns its footer's count
+        # at once, unless it was sealed by another run's key (then it is converted again).
+        todo = list(zip(self.files, self.file_records()))
+        if self.plan_root is None:
+            raise ManifestError(f"manifest {self.shown}: {self.format} files need an output to convert into")
+        jobs = [(self.format, self._url(path), self.read_urls[path]) for path, _ in todo]
+        try:
+            counts = convert_all(jobs, self.storage_options, self.cfg.batch_rows, self.source_column,
+                                 tuple(self.cfg.redact_query_params), self.seal_key)
+        except Exception as exc:  # a Ray task error wraps the reader's message
+            detail = redact_text(str(exc).strip().splitlines()[-1][:500], self.cfg.redact_query_params)
+            raise ManifestError(
+                f"manifest {self.shown}: a {self.format} file cannot be converted to parquet: {detail}; "
+                "fix the file (every row needs the same columns)"
+            ) from None
+        assert self._records is not None
+        by_path = dict(zip(self.files, self._records))
+        for (path, _), rows in zip(todo, counts):
+            by_path[path]["rows"] = rows
+            fs, target = url_to_fs(self.read_urls[path], self.storage_options)
+            with fs.open(target, "rb") as f:  # its footer: every file needs the manifest's columns
+                self._check_columns(path, pq.ParquetFile(f).schema_arrow.names)
+
+    def count_rows(self) -> int | None:
+        """Row count from metadata (footers, conversions); None while a file is unconverted."""
+        counts = [r["rows"] for r in self.file_records()]
+        return None if None in counts else sum(counts)
+
+    def plan_files(self) -> list[PlanFile]:
+        """The planner's view: every file with what to read and its row count."""
+        out = []
+        for path, rec in zip(self.files, self.file_records()):
+            if rec["rows"] is None:
+                raise ManifestError(f"manifest file {rec['path']} has no known row count; convert it first")
+            base = (os.path.dirname(os.path.abspath(path)) if self.local
+                    else posixpath.dirname(self.fs.unstrip_protocol(path)))
+            out.append(PlanFile(rec["path"], self.read_urls[path], base, int(rec["rows"])))
+        return out
+
+    def read_spec(self) -> ReadSpec:
+        return ReadSpec(self.kind, self.source_column, self.caption_column, tuple(self.extra_names),
+                        self.local, dict(self.storage_options), tuple(self.cfg.redact_query_params),
+                        self.cfg.batch_rows, self.seal_key if self.format != "parquet" else None)
 
     def _files(self, path: str) -> list[str]:
         try:
@@ -216,6 +256,8 @@ class Manifest:
     def _columns(self) -> tuple[str, str]:
         """Configured column names, falling back to known aliases (LAION `URL`, `TEXT`)."""
         first = self.files[0]
+        if self.format not in ("parquet", "csv", "json"):  # a registered converter's rows: as configured
+            return getattr(self.cfg, KIND_COLUMN[self.kind]), self.cfg.caption_column
         try:
             names = set(self._dataset(first).schema.names)
         except pa.ArrowException as exc:
@@ -234,24 +276,9 @@ class Manifest:
         return chosen[0], chosen[1]
 
     def _resolve(self, base: str, value: Any) -> str | None:
-        if value is None:
-            return None
-        value = str(value).strip()
-        if not value:
-            return None
-        if value.startswith("file://"):  # one spelling per file: the key hashes the source
-            value = value[len("file://") :]
-        if "://" in value or value.startswith("/"):
-            return value
-        if self.local:
-            return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(base)), value))
-        return self.fs.unstrip_protocol(posixpath.join(posixpath.dirname(base), value))
-
-    def count_rows(self) -> int | None:
-        """Row count when it is cheap (parquet footers); None for CSV/JSONL (would need a scan)."""
-        if self.format != "parquet":
-            return None
-        return sum(self._dataset(path).count_rows() for path in self.files)
+        folder = (os.path.dirname(os.path.abspath(base)) if self.local
+                  else posixpath.dirname(self.fs.unstrip_protocol(base)))
+        return resolve_source(value, folder, self.local)
 
     def batches(self) -> Iterator[tuple[list[str | None], list[Any]]]:
         """(sources as stored, captions) in manifest order, one Arrow batch at a time."""
@@ -293,49 +320,3 @@ class Manifest:
             except pa.ArrowException as exc:
                 raise ManifestError(f"manifest {self._display(path)} cannot be read: {exc}") from exc
             self.rows_streamed[path] = rows
-
-
-class ShardPlanner:
-    """Cut a manifest stream into `ShardPlan`s of `samples_per_shard` rows."""
-
-    def __init__(self, manifest: Manifest, samples_per_shard: int):
-        self.manifest = manifest
-        self.size = samples_per_shard
-
-    def _plan(self, index: int, sources: list, captions: list, secret: dict[int, str],
-              columns: dict[str, list[Any]]) -> ShardPlan:
-        first = index * self.size
-        fetch_urls = {r - first: secret[r] for r in range(first, first + len(sources)) if r in secret}
-        return ShardPlan(
-            self.manifest.kind,
-            index,
-            first,
-            sources,
-            captions,
-            fetch_urls=fetch_urls,
-            roots=self.manifest.roots,
-            columns=columns,
-        )
-
-    def run(self) -> Iterator[ShardPlan]:
-        index, sources, captions = 0, [], []
-        extra: dict[str, list[Any]] = {name: [] for name in self.manifest.extra_names}
-        secret: dict[int, str] = {}  # manifest row -> URL to download (redacted rows only)
-        row = 0  # manifest row of sources[0]
-        for batch_sources, batch_captions, batch_secret, batch_extra in self.manifest.resolved_batches():
-            secret.update({row + len(sources) + i: url for i, url in batch_secret.items()})
-            sources.extend(batch_sources)
-            captions.extend(batch_captions)
-            for name, values in batch_extra.items():
-                extra[name].extend(values)
-            start = 0
-            while len(sources) - start >= self.size:
-                end = start + self.size
-                columns = {name: values[start:end] for name, values in extra.items()}
-                yield self._plan(index, sources[start:end], captions[start:end], secret, columns)
-                start, index = end, index + 1
-            sources, captions, row = sources[start:], captions[start:], row + start
-            extra = {name: values[start:] for name, values in extra.items()}
-            secret = {r: url for r, url in secret.items() if r >= row}
-        if sources:
-            yield self._plan(index, sources, captions, secret, extra)

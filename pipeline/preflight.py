@@ -57,8 +57,10 @@ class Preflight:
         if not self.args.videos and not self.args.images:
             raise JobError("nothing to do: pass --videos MANIFEST and/or --images MANIFEST")
         opts = self.cfg.storage.options
+        out = OutputStore(self.args.out, opts)
+        plan_root = out.path("_plan") if out.is_local else out.fs.unstrip_protocol(out.path("_plan"))
         manifests = {
-            kind: Manifest(url, kind, self.cfg.manifest, opts)
+            kind: Manifest(url, kind, self.cfg.manifest, opts, plan_root=plan_root)
             for kind, url in self.args.manifests().items()
             if url
         }

@@ -4,7 +4,9 @@ Finalize. Each step is a small class with one `run` method.
 Why this shape (see also `pipeline/shard.py` and `pipeline/encode_clients.py`):
 - A shard is the unit of work: one Ray task per shard, at most `execution.workers` in flight.
   Shard N is rows N*S..N*S+S-1, so a task's output depends only on its rows: retries and
-  reruns are deterministic, and the driver only streams the manifest and counts.
+  reruns are deterministic. The driver plans from file metadata only (footers, sizes, ETags:
+  `pipeline/plan.py`); each shard task reads its own row ranges. CSV/JSONL are converted to
+  parquet and duplicates found by Ray tasks before dispatch (plan_convert.py, dedupe.py).
 - Decoding is CPU work inside the shard task (plus its isolated decoder child). The VAE and
   the semantic model live in encoder actors holding `execution.gpus_per_encoder` of a GPU:
   many shard tasks feed each actor and keep `batches_in_flight` batches queued there, so a
@@ -29,10 +31,12 @@ from core.config import ConfigError
 from core.shard_format import FORMAT_VERSION
 from pipeline.completions import Completions
 from pipeline.config import PrepConfig, output_config, public_config
+from pipeline.dedupe import find_duplicates
 from pipeline.encoder_actor import EncoderActor
 from pipeline.lease import Lease
-from pipeline.manifest import Manifest, SeenSources, ShardPlanner
+from pipeline.manifest import Manifest
 from pipeline.placement import actor_env, check_decoder, check_devices, local_model_paths
+from pipeline.plan import ShardPlanner
 from pipeline.preflight import JobArgs, JobError, Preflight, Ready  # noqa: F401  (public names)
 from pipeline.shard import ShardTask
 from pipeline.statistics import dataset_statistics
@@ -159,14 +163,14 @@ class Dispatch:
                 bar.update(1)
                 bar.set_postfix(samples_s=f"{stats.rows_done / max(time.perf_counter() - start, 1e-9):.1f}")
 
-        seen = SeenSources()
+        dups = self._duplicates(manifest, total or 0, committed, to_retry)
         for plan in ShardPlanner(manifest, self.cfg.samples_per_shard).run():
-            seen.mark(plan)  # committed shards too: the first row of a source keeps its key
             retry = plan.index in to_retry
             if plan.index in committed and not retry:
                 stats.skipped.append(plan.index)
                 bar.update(1)
                 continue
+            plan.duplicates = dups.path(plan.index) if dups else None
             settle(self.workers - 1)
             if self.lease is not None:
                 self.lease.check()
@@ -174,6 +178,16 @@ class Dispatch:
         settle(0)
         bar.close()
         stats.seconds = time.perf_counter() - start
+
+
+    def _duplicates(self, manifest: Manifest, shards: int, committed: set[int], to_retry: set[int]):
+        """The dedupe pass (pipeline/dedupe.py), when some shard is to be done and repeats may
+        span shards (with one shard, the shard task finds them itself)."""
+        if self.cfg.dedupe == "none" or shards < 2:
+            return None
+        if not any(i not in committed or i in to_retry for i in range(shards)):
+            return None
+        return find_duplicates(manifest, self.cfg.samples_per_shard)
 
 
 def _index_row(kind: str, stats: dict[str, Any]) -> dict[str, Any]:
@@ -234,13 +248,8 @@ class Finalize:
         self.store.write_atomic(self.store.path("dataset.json"), json_bytes(doc))
 
     def _file_records(self) -> dict[str, list[dict[str, Any]]]:
-        """The start-of-run records, with CSV/JSONL row counts filled in once streamed whole."""
-        out = {}
-        for kind, records in self.ready.files.items():
-            manifest = self.ready.manifests[kind]
-            out[kind] = [dict(rec, rows=manifest.rows_streamed.get(path, rec["rows"]))
-                         for rec, path in zip(records, manifest.files)]
-        return out
+        """The start-of-run records, with CSV/JSONL row counts filled in once converted."""
+        return {kind: manifest.file_records() for kind, manifest in self.ready.manifests.items()}
 
     def run(self, summary: Summary) -> None:
         model_ids, statistics = None, (None, "no video shards")
@@ -312,6 +321,9 @@ class PrepJob:
             finalize = Finalize(self.cfg, ready, self.args)
             finalize.write_dataset_json(None, None, complete=False)  # claims OUT for this fingerprint
             workers, actors = cluster.run()
+            for manifest in ready.manifests.values():
+                manifest.convert()  # CSV/JSONL -> parquet under OUT/_plan (Ray tasks), once
+            finalize.write_dataset_json(None, None, complete=False)  # now with their row counts
             summary = Summary(out=self.args.out, workers=workers, encoders=len(actors))
             task = ShardTask(self.cfg, self.args.out, fingerprint, actors, cluster.model_ids,
                              cluster.actor_nodes, cluster.local_paths, run_id=lease.run_id)

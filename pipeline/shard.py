@@ -11,10 +11,10 @@ Every encode call gets exactly `batch_samples` samples (a short batch is padded,
 neighbour failed.
 
 Duplicates are found before any work: the first row with a given source keeps the key, later
-ones fail with reason `duplicate`; the driver marks repeats of a source first seen in an
-earlier shard (`ShardPlan.duplicate_of`), so a key appears once per dataset. Any exception from one
-sample becomes that row's failure; only storage errors (the shard cannot be written) fail
-the task.
+ones fail with reason `duplicate`; the dedupe pass (pipeline/dedupe.py) marks repeats of a source
+first seen in an earlier shard (`ShardPlan.duplicate_of`), so a key appears once per dataset.
+Any exception from one sample becomes that row's failure; only storage errors (the shard
+cannot be written) fail the task.
 
 Untrusted rows (docs/untrusted.md): each source passes `SourcePolicy.check` (protocol, and a
 local path's realpath inside the manifest's roots) before any byte is read; a local file is
@@ -33,7 +33,7 @@ from core.shard_format import SampleError, sample_key
 from pipeline.config import PrepConfig
 from pipeline.encode_clients import ActorEncode, LocalEncode, Result
 from pipeline.fetch import Fetcher, is_remote
-from pipeline.manifest import ShardPlan
+from pipeline.plan import ShardPlan
 from pipeline.storage import OutputStore
 from pipeline.untrusted import SourcePolicy, redact_text
 from pipeline.worker_cache import WORKER_CACHE
@@ -215,6 +215,7 @@ class ShardTask:
     def run(self, plan: ShardPlan, retry: bool = False, task_offset: int = 0) -> dict[str, Any]:
         start = time.perf_counter()
         keep_heap_pages()
+        plan.materialize()  # the driver sent a description: read this shard's rows (pipeline/plan.py)
         kind = "video" if plan.kind == "videos" else "image"
         kept_keys = self._kept(plan) if retry else set()
         keys, settled = self._triage(plan, kept_keys)
@@ -265,6 +266,7 @@ class ShardTask:
                     seconds=time.perf_counter() - start,
                     timing=timing,
                     retried=retry,
+                    **plan.commit_fields(),  # (file, row range) pieces + sources digest: resume verifies
                 )
             )
         except BaseException:

@@ -203,16 +203,6 @@ def test_duplicate_sources_fail_with_reason(synthetic, prep, tmp_path):
     assert status(out, "images").status.tolist() == ["ok", "ok", "failed", "ok", "failed"]
 
 
-def test_seen_sources_across_merges():
-    from core.shard_format import sample_key
-    from pipeline.manifest import SeenSources
-
-    seen = SeenSources(merge_at=3)  # force several merges into the sorted arrays
-    sources = [f"s3://b/{i % 7}.mp4" for i in range(30)]
-    firsts = [seen.first_row(sample_key(s), row) for row, s in enumerate(sources)]
-    assert firsts == [None] * 7 + [row % 7 for row in range(7, 30)]
-
-
 def test_encoder_actors_give_the_same_shards(first_run, synthetic, prep, tmp_path):
     """CPU encoder actors (the GPU design, with gpus_per_encoder=0) write the same bytes."""
     out0, _ = first_run

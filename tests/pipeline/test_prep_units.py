@@ -107,7 +107,8 @@ def test_planner_shard_boundaries_across_batches(tmp_path):
     )
     for batch_rows in (3, 100):
         cfg = load_config(PrepConfig, None, [f"manifest.batch_rows={batch_rows}"]).manifest
-        plans = list(ShardPlanner(Manifest(str(tmp_path / "m.pq"), "videos", cfg, {}), 4).run())
+        planner = ShardPlanner(Manifest(str(tmp_path / "m.pq"), "videos", cfg, {}), 4)
+        plans = [p.materialize() for p in planner.run()]
         assert [(p.index, p.first_row, len(p.sources)) for p in plans] == [(0, 0, 4), (1, 4, 4), (2, 8, 2)]
         assert plans[1].sources == [f"/v/{i}.mp4" for i in range(4, 8)]
 

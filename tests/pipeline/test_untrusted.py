@@ -137,7 +137,8 @@ def test_plans_store_redacted_sources_and_fetch_the_signed_url(tmp_path):
     other = SIGNED.replace("0123456789abcdef", "ffff")
     rows = [SIGNED, "https://img.test/plain.png", "https://img.test/b.png?token=abc", other, "local.png"]
     pd.DataFrame({"image": rows, "caption": ["c"] * 5}).to_parquet(tmp_path / "m.parquet")
-    plans = list(ShardPlanner(Manifest(str(tmp_path / "m.parquet"), "images", cfg, {}), 2).run())
+    planner = ShardPlanner(Manifest(str(tmp_path / "m.parquet"), "images", cfg, {}), 2)
+    plans = [p.materialize() for p in planner.run()]
     sources = [s for p in plans for s in p.sources]
     assert sources[:4] == [
         redact_url(SIGNED),
