@@ -18,8 +18,9 @@ Everything goes through the public entry point, `python -m pipeline.prep` in a s
 3. plan: `--dry-run` over a `--plan-rows` manifest of many files (hard links of one generated
    500k-row file, each in its own folder so every resolved source differs): driver peak RSS
    (target < 1 GB) and wall, with a linear projection to LAION-2B (2.32e9 rows).
-4. dedupe: when the config has a `dedupe` field (`source | none`), the largest job is rerun
-   with `dedupe=none`; the difference in wall time is the dedupe pass, as rows/s.
+4. dedupe: when the config has a `dedupe` field (`source | none`): the pass's own seconds and
+   rows/s (its `OUT/_plan/dedupe/*/done.json`), and, as a cross-check, the smallest job rerun
+   with `dedupe=none` (the difference in wall time, as rows/s).
 The machine is shared (2 cores, several users): figures are noisy, compare within one run.
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -156,8 +158,10 @@ def prep_job(manifest: Path, out: Path, shard: int, timeout: float, overrides: l
         raise SystemExit(f"prep job failed (rc {run.rc}):\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}")
     rate = re.search(r"^videos\s+(?:\d+\s+){7}([\d.]+)", run.stdout, re.M)
     reasons = re.search(r"failed by reason: (.*)", run.stdout)
+    passes = [json.loads(p.read_text()) for p in out.glob("_plan/dedupe/*/done.json")]  # its own timing
     return dict(wall_s=run.wall_s, rss=run.peak_rss, dispatch_rows_s=float(rate.group(1)) if rate else None,
-                reasons=reasons.group(1) if reasons else "", stdout=run.stdout)
+                reasons=reasons.group(1) if reasons else "", stdout=run.stdout,
+                dedupe=passes[0] if passes else None)
 
 
 def bench_jobs(cache: Path, rows_list: list[int], shard: int, timeout: float,
@@ -171,7 +175,7 @@ def bench_jobs(cache: Path, rows_list: list[int], shard: int, timeout: float,
               file=sys.stderr)
         results.append(job)
         shutil.rmtree(cache / f"out{rows}")
-        if dedupe and rows == rows_list[-1]:
+        if dedupe and rows == rows_list[0]:  # cross-check of the pass's own timing (smallest job)
             off = prep_job(manifest, cache / f"out{rows}", shard, timeout, [f"{dedupe}=none"])
             off.update(rows=rows, name=f"job {rows:,} rows, {dedupe}=none")
             results.append(off)
@@ -278,6 +282,11 @@ def table(wait: list[dict], jobs: list[dict], plan: dict | None, dedupe: str | N
         for j in jobs:
             if j["reasons"]:
                 lines.append(f"  {j['name']}: failed by reason: {j['reasons']}")
+        for j in jobs:
+            if j.get("dedupe"):
+                d = j["dedupe"]
+                lines.append(f"  {j['name']}: dedupe pass {d['seconds']:.1f} s = {d['rows_per_s']:,.0f} "
+                             f"rows/s ({d['buckets']} buckets, {d['duplicates']} duplicates found)")
         off = [j for j in jobs if "=none" in j["name"]]
         if off and dedupe:
             on = next(j for j in main if j["rows"] == off[0]["rows"])
