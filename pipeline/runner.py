@@ -29,6 +29,7 @@ from typing import Any
 
 from core.config import ConfigError
 from core.shard_format import FORMAT_VERSION
+from pipeline.completions import Completions
 from pipeline.config import PrepConfig, output_config, public_config
 from pipeline.dedupe import find_duplicates
 from pipeline.encoder_actor import EncoderActor
@@ -148,17 +149,18 @@ class Dispatch:
             file=sys.stderr,
             mininterval=1.0,
         )
-        pending: dict[Any, int] = {}
+        pending = Completions()  # O(1) per completion, however many tasks are in flight
         start = time.perf_counter()
 
         def settle(block_until: int) -> None:
             while len(pending) > block_until:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                index = pending.pop(done[0])
-                try:
-                    stats.add_done(ray.get(done[0]))
-                except Exception as exc:  # the shard stays uncommitted; a rerun redoes it
-                    stats.add_error(index, exc)
+                index, result, error = pending.next()
+                if error is None:
+                    stats.add_done(result)
+                elif isinstance(error, Exception):  # the shard stays uncommitted; a rerun redoes it
+                    stats.add_error(index, error)
+                else:
+                    raise error
                 bar.update(1)
                 bar.set_postfix(samples_s=f"{stats.rows_done / max(time.perf_counter() - start, 1e-9):.1f}")
 
@@ -173,7 +175,7 @@ class Dispatch:
             settle(self.workers - 1)
             if self.lease is not None:
                 self.lease.check()
-            pending[remote.remote(self.task_ref, plan, retry, plan.index)] = plan.index
+            pending.add(remote.remote(self.task_ref, plan, retry, plan.index), plan.index)
         settle(0)
         bar.close()
         stats.seconds = time.perf_counter() - start
