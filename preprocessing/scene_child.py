@@ -66,18 +66,8 @@ def serve(fd: int, frames_fd: int, memory_mb: int, backend: str = "decord") -> N
     av.logging.set_level(av.logging.PANIC)
     sock = socket.socket(fileno=fd)
     wire.send(sock, {"ready": True})
-    while True:
-        try:
-            req, n_data = wire.recv_header(sock)
-        except (EOFError, OSError):
-            return
-        if req.get("quit"):
-            return
-        data = None
-        if n_data:
-            buf = bytearray(n_data)
-            wire.recv_payload(sock, buf)
-            data = bytes(buf)
+    while (request := wire.recv_request(sock)) is not None:
+        req, data = request
         _answer(sock, req, data, memory_mb)
 
 

@@ -329,18 +329,8 @@ def serve(fd: int, frames_fd: int, memory_mb: int, backend: str = "decord") -> N
     sock = socket.socket(fileno=fd)
     frames_out = wire.SharedFrames(frames_fd)
     wire.send(sock, {"ready": True})
-    while True:
-        try:
-            req, n_data = wire.recv_header(sock)
-        except (EOFError, OSError):  # parent went away
-            return
-        if req.get("quit"):
-            return
-        data = None
-        if n_data:
-            data = bytearray(n_data)
-            wire.recv_payload(sock, data)
-            data = bytes(data)
+    while (request := wire.recv_request(sock)) is not None:  # None: the parent left or said quit
+        req, data = request
         req["memory_mb"] = memory_mb
         req["decoder"] = backend
         _answer(sock, frames_out, req, data)

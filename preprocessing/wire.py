@@ -53,6 +53,22 @@ def recv_payload(sock: socket.socket, out) -> None:
     _recv_exact(sock, memoryview(out).cast("B"))
 
 
+def recv_request(sock: socket.socket) -> tuple[dict[str, Any], bytes | None] | None:
+    """A child's next request and its payload; None when the parent went away or said quit."""
+    try:
+        req, n_data = recv_header(sock)
+    except (EOFError, OSError):  # parent went away
+        return None
+    if req.get("quit"):
+        return None
+    data = None
+    if n_data:
+        buf = bytearray(n_data)
+        recv_payload(sock, buf)
+        data = bytes(buf)
+    return req, data
+
+
 class SharedFrames:
     """Frames travel through a shared memory file (memfd), not the socket.
 
