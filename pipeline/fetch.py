@@ -12,10 +12,15 @@ a DNS answer that changes between check and connect (rebinding) cannot reach an 
 host. Redirects are followed here, hop by hop, under the same rules. Environment proxies are
 not used for media: a proxy would resolve names itself and the check would mean nothing.
 
-HTTP failures are classified once, here:
-- 404, 403, 410 and other 4xx: permanent, no retry              -> `download_error`
+HTTP failures are classified once, here (`core.shards.TRANSIENT_REASONS` says which codes a
+plain `--retry-failed` redoes):
+- 404, 410: permanent, no retry                                  -> `not_found`
+- 403 and other 4xx, a TLS certificate, a bad URL, a redirect
+  loop: permanent, no retry                                      -> `http_error`
+- a body over `http.max_bytes`: permanent                        -> `too_large`
 - 5xx, 408, 429, connection resets: retried with exponential
   backoff and +-50% jitter (`http.backoff_s`, doubling, capped) -> `download_error` if all fail
+  (transient)
 - an attempt longer than `http.timeout_s` in all (connect, headers
   and body together: a body dripping a byte at a time too): retried -> `timeout` if all fail
 - an internal address (any hop)                                  -> `blocked_address`, no retry
@@ -54,6 +59,7 @@ from pipeline.untrusted import (
 
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 REDIRECT_STATUS = {301, 302, 303, 307, 308}
+NOT_FOUND_STATUS = {404, 410}
 CHUNK = 1 << 20
 URL_SAFE = "/%:@!$&'()*+,;=-._~?"  # left as they are when quoting a request target
 
@@ -214,11 +220,14 @@ class Fetcher:
             size = fs.size(url)
             if size is not None and size > self.http.max_bytes:
                 raise SampleError(
-                    "download_error", f"{shown}: {size} bytes is over http.max_bytes={self.http.max_bytes}"
+                    "too_large", f"{shown}: {size} bytes is over http.max_bytes={self.http.max_bytes}"
                 )
             return fs.cat_file(url)
         except FileNotFoundError:
             raise SampleError("missing_file", f"{shown}: no such object (check the manifest URL)") from None
+        except PermissionError as exc:  # s3fs: AccessDenied; asking again will not help
+            detail = redact_text(f"{type(exc).__name__}: {exc}", self.redact_params)
+            raise SampleError("http_error", f"{shown}: access denied: {detail}") from None
         except SampleError:
             raise
         except Exception as exc:  # noqa: BLE001 - any storage failure is this sample's failure
@@ -238,13 +247,14 @@ class Fetcher:
             except HTTPStatusError as exc:
                 last_reason, last_detail = "download_error", str(exc)
                 if exc.code not in RETRY_STATUS:
-                    raise SampleError("download_error", f"{shown}: {last_detail} (not retried)") from None
+                    reason = "not_found" if exc.code in NOT_FOUND_STATUS else "http_error"
+                    raise SampleError(reason, f"{shown}: {last_detail} (not retried)") from None
             except TimeoutError:
                 last_reason = "timeout"
                 last_detail = f"download took over http.timeout_s={self.http.timeout_s:g}s"
             except ssl.SSLCertVerificationError as exc:
                 raise SampleError(
-                    "download_error", f"{shown}: TLS certificate: {exc.verify_message}"
+                    "http_error", f"{shown}: TLS certificate: {exc.verify_message}"
                 ) from None
             except (HTTPException, ConnectionError, OSError) as exc:
                 last_reason, last_detail = "download_error", f"{type(exc).__name__}: {exc}"
@@ -271,7 +281,7 @@ class Fetcher:
                     response.close()
                     conn.close()
             raise SampleError(
-                "download_error", f"{self.shown(url)}: more than http.max_redirects={self.http.max_redirects}"
+                "http_error", f"{self.shown(url)}: more than http.max_redirects={self.http.max_redirects}"
             )
         except SampleError as exc:
             if url == first:
@@ -292,9 +302,9 @@ class Fetcher:
             if not host.isascii():
                 host = host.encode("idna").decode("ascii")
         except (ValueError, UnicodeError) as exc:
-            raise SampleError("download_error", f"{self.shown(url)}: not a valid URL ({exc})") from None
+            raise SampleError("http_error", f"{self.shown(url)}: not a valid URL ({exc})") from None
         if not host:
-            raise SampleError("download_error", f"{self.shown(url)}: the URL has no host")
+            raise SampleError("http_error", f"{self.shown(url)}: the URL has no host")
         cls = GuardedHTTPSConnection if parts.scheme == "https" else GuardedHTTPConnection
         conn = cls(host, port, self.connector, deadline, self.shown(url))
         target = quote(parts.path or "/", safe=URL_SAFE) + (
@@ -332,7 +342,7 @@ class Fetcher:
     def _read_body(self, url: str, response: http.client.HTTPResponse, deadline: Deadline) -> bytes:
         if response.length is not None and response.length > self.http.max_bytes:  # before reading
             raise SampleError(
-                "download_error",
+                "too_large",
                 f"{self.shown(url)}: {response.length} bytes is over http.max_bytes={self.http.max_bytes}",
             )
         chunks, size = [], 0
@@ -340,7 +350,7 @@ class Fetcher:
             size += len(chunk)
             if size > self.http.max_bytes:
                 raise SampleError(
-                    "download_error", f"{self.shown(url)}: larger than http.max_bytes={self.http.max_bytes}"
+                    "too_large", f"{self.shown(url)}: larger than http.max_bytes={self.http.max_bytes}"
                 )
             chunks.append(chunk)
             deadline.remaining()

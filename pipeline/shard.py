@@ -34,6 +34,7 @@ from pipeline.config import PrepConfig
 from pipeline.encode_clients import ActorEncode, LocalEncode, Result
 from pipeline.fetch import Fetcher, is_remote
 from pipeline.manifest import ShardPlan
+from pipeline.status_fields import failed_fields, ok_fields
 from pipeline.storage import OutputStore
 from pipeline.untrusted import SourcePolicy, redact_text
 from pipeline.worker_cache import WORKER_CACHE
@@ -100,15 +101,16 @@ class RowFlow:
         if res[0] == "kept":
             for old_key, members in self.old_samples:
                 if old_key == key:
-                    writer.add_ok(key, source, caption, members, **fields)
+                    writer.add_ok(key, source, caption, members, **fields, **ok_fields(members))
                     return
             raise RuntimeError(
                 f"{plan.kind}/{plan.index:06d}: sample {key} is in the status table but not the tar"
             )
         if res[0] == "ok":
-            writer.add_ok(res[1], source, caption, res[2], **fields)
+            writer.add_ok(res[1], source, caption, res[2], **fields, **ok_fields(res[2]))
         else:
-            writer.add_failed(key, source, caption, res[1], redact_text(res[2], self.redact_params), **fields)
+            writer.add_failed(key, source, caption, res[1], redact_text(res[2], self.redact_params),
+                              **fields, **failed_fields(res))
 
     def drain(self) -> None:
         if self.batch:
@@ -276,7 +278,7 @@ class ShardTask:
         try:
             return decoder.decode(kind, source, caption, data=data)
         except SampleError as exc:
-            return ("failed", exc.reason, exc.detail)
+            return ("failed", exc.reason, exc.detail, exc.meta)
         except Exception as exc:  # a bug on one odd file must not kill the shard
             last = traceback.format_exc().strip().splitlines()[-1]
             return ("failed", "internal_error", f"{source}: {type(exc).__name__}: {last[:300]}")

@@ -173,7 +173,7 @@ class VideoDecoderProcess:
             if self._proc is not None and self.decodes_since_start >= cfg.decoder_recycle_every:
                 self._stop(kill=False)
         if isinstance(frames, SampleError):
-            raise SampleError(frames.reason, f"{source}: {frames.detail}")
+            raise SampleError(frames.reason, f"{source}: {frames.detail}", frames.meta)
         return frames, meta
 
     def _recv(self, deadline: float) -> tuple[dict, int]:
@@ -188,7 +188,7 @@ class VideoDecoderProcess:
         wire.send(sock, req, data)
         head, _ = self._recv(deadline)
         if not head["ok"]:
-            return SampleError(head["reason"], head["detail"]), None
+            return SampleError(head["reason"], head["detail"], head.get("meta")), None
         if head.get("probe_only"):
             return None, head["meta"]
         n, region_h, region_w, _ = head["shape"]

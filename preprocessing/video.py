@@ -32,10 +32,11 @@ CHUNK_FRAMES = 4  # frames decoded and sent per message (the worker resizes one 
 
 
 class DecodeFailure(Exception):
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: str, detail: str, meta: dict[str, Any] | None = None):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+        self.meta = meta or {}  # what is known of the source (the status table's columns)
 
 
 def _source(path: str, data: bytes | None):
@@ -87,8 +88,10 @@ def open_clip(path: str, data: bytes | None, key: str, req: dict[str, Any]):
     try:
         indices, stride = select_frames(n_frames, native_fps, req["target_fps"], req["frames"], key)
     except TooShort as exc:
-        probe(path, data)  # a JPEG named .mp4 is a 1-frame "video" to decord
-        raise DecodeFailure("too_short", str(exc)) from None
+        size = probe(path, data)  # a JPEG named .mp4 is a 1-frame "video" to decord
+        known = {"original_size": [size["width"], size["height"]], "num_source_frames": n_frames,
+                 "native_fps": round(native_fps, 4)}
+        raise DecodeFailure("too_short", str(exc), known) from None
     meta = {"frame_indices": indices, "native_fps": round(native_fps, 4), "stride": stride,
             "num_source_frames": n_frames}
     return reader, indices, meta
@@ -214,7 +217,7 @@ def _answer(sock, frames_out: wire.SharedFrames, req: dict[str, Any], data: byte
             done += len(chunk)
         del reader
     except DecodeFailure as exc:
-        wire.send(sock, {"ok": False, "reason": exc.reason, "detail": exc.detail})
+        wire.send(sock, {"ok": False, "reason": exc.reason, "detail": exc.detail, "meta": exc.meta})
     except MemoryError:
         detail = f"decoder ran out of memory (limit video.decode_memory_mb={req['memory_mb']})"
         wire.send(sock, {"ok": False, "reason": "out_of_memory", "detail": detail})
