@@ -33,6 +33,7 @@ from pipeline.lease import Lease
 from pipeline.manifest import Manifest, SeenSources, ShardPlanner
 from pipeline.placement import actor_env, check_decoder, check_devices, local_model_paths
 from pipeline.preflight import JobArgs, JobError, Preflight, Ready  # noqa: F401  (public names)
+from pipeline.retry import TransientTaskError, retry_mode, shards_to_retry
 from pipeline.shard import ShardTask
 from pipeline.statistics import dataset_statistics
 from pipeline.storage import KINDS, OutputStore, json_bytes
@@ -129,10 +130,13 @@ class Dispatch:
         kind = manifest.kind
         committed = self.store.committed(kind)  # the one listing of this kind's folder
         to_retry: set[int] = set()
-        if self.retry_failed and committed:
+        mode = retry_mode(self.retry_failed)  # pipeline/retry.py: which failures are redone
+        if mode and committed:
             old = self.store.read_jsons([self.store.shard_path(kind, i, "json") for i in sorted(committed)])
-            to_retry = {int(s["shard"]) for s in old.values() if s.get("failed")}
-        remote = ray.remote(_run_shard).options(num_cpus=self.cfg.execution.cpus_per_worker, max_retries=2)
+            to_retry = shards_to_retry(old.values(), mode)
+        # A task that failed outside its rows (actor death, storage) is retried whole.
+        remote = ray.remote(_run_shard).options(num_cpus=self.cfg.execution.cpus_per_worker, max_retries=2,
+                                                retry_exceptions=[TransientTaskError])
         rows = manifest.count_rows()
         total = -(-rows // self.cfg.samples_per_shard) if rows is not None else None
         bar = tqdm(
@@ -168,7 +172,7 @@ class Dispatch:
             settle(self.workers - 1)
             if self.lease is not None:
                 self.lease.check()
-            pending[remote.remote(self.task_ref, plan, retry, plan.index)] = plan.index
+            pending[remote.remote(self.task_ref, plan, mode if retry else False, plan.index)] = plan.index
         settle(0)
         bar.close()
         stats.seconds = time.perf_counter() - start

@@ -34,6 +34,7 @@ from pipeline.config import PrepConfig
 from pipeline.encode_clients import ActorEncode, LocalEncode, Result
 from pipeline.fetch import Fetcher, is_remote
 from pipeline.manifest import ShardPlan
+from pipeline.retry import TransientTaskError, kept_failure, redone, retry_mode
 from pipeline.status_fields import failed_fields, ok_fields
 from pipeline.storage import OutputStore
 from pipeline.untrusted import SourcePolicy, redact_text
@@ -176,9 +177,11 @@ class ShardTask:
             return ("failed", exc.reason, exc.detail)
         return None
 
-    def _triage(self, plan: ShardPlan, kept_keys: set[str]) -> tuple[list[str], dict[int, Result]]:
+    def _triage(self, plan: ShardPlan, kept_keys: set[str], kept_failed: dict[int, Result] | None = None
+                ) -> tuple[list[str], dict[int, Result]]:
         """Keys of every row, and the rows settled before any work (empty, forbidden, duplicate,
-        kept)."""
+        kept: ok, or a failure this --retry-failed mode does not redo)."""
+        kept_failed = kept_failed or {}
         keys, settled, first_row = [], {}, {}
         policy = self._policy(plan)
         for pos, source in enumerate(plan.sources):
@@ -200,10 +203,13 @@ class ShardTask:
                 first_row[key] = row
                 if key in kept_keys:
                     settled[pos] = ("kept", key)
+                elif pos in kept_failed:
+                    settled[pos] = kept_failed[pos]
         return keys, settled
 
-    def _kept(self, plan: ShardPlan) -> set[str]:
-        """`--retry-failed`: keys of the committed shard's ok rows (checked against the plan)."""
+    def _kept(self, plan: ShardPlan, mode: str | None = "all") -> tuple[set[str], dict[int, Result]]:
+        """`--retry-failed`: keys of the committed shard's ok rows (checked against the plan), and
+        its failures that `mode` does not redo, by position (pipeline/retry.py)."""
         rows = read_status(self.store, plan.kind, plan.index)
         if len(rows) != len(plan.sources) or any(
             r["source"] != s for r, s in zip(rows, plan.sources) if s is not None
@@ -212,14 +218,27 @@ class ShardTask:
                 f"{plan.kind}/{plan.index:06d}: the committed shard does not match the manifest rows; "
                 "the manifest changed since it was written: rerun with --overwrite"
             )
-        return {r["key"] for r in rows if r["status"] == "ok"}
+        failed = {pos: kept_failure(r) for pos, r in enumerate(rows)
+                  if r["status"] != "ok" and not redone(r["reason"], mode)}
+        return {r["key"] for r in rows if r["status"] == "ok"}, failed
 
-    def run(self, plan: ShardPlan, retry: bool = False, task_offset: int = 0) -> dict[str, Any]:
+    def run(self, plan: ShardPlan, retry: bool | str = False, task_offset: int = 0) -> dict[str, Any]:
+        """`retry`: False, or the `--retry-failed` mode ("transient", "all"; True = "transient").
+        Raises `TransientTaskError` when the shard fails outside its rows (Ray retries it)."""
+        try:
+            return self._run(plan, retry_mode(retry), task_offset)
+        except OSError as exc:  # the output store (or its network) failed, not a row
+            raise TransientTaskError(
+                f"{plan.kind}/{plan.index:06d}: storage error: {type(exc).__name__}: {str(exc)[:300]}"
+            ) from exc
+
+    def _run(self, plan: ShardPlan, mode: str | None, task_offset: int) -> dict[str, Any]:
         start = time.perf_counter()
         keep_heap_pages()
         kind = "video" if plan.kind == "videos" else "image"
-        kept_keys = self._kept(plan) if retry else set()
-        keys, settled = self._triage(plan, kept_keys)
+        retry = mode is not None
+        kept_keys, kept_failed = self._kept(plan, mode) if retry else (set(), {})
+        keys, settled = self._triage(plan, kept_keys, kept_failed)
         if retry:  # un-commit first: a crash while rewriting leaves a shard that is redone whole
             self.store.remove([self.store.shard_path(plan.kind, plan.index, "json")])
         old_samples = iter_tar_samples(self.store, plan.kind, plan.index) if retry else iter(())
