@@ -3,7 +3,8 @@
 Local files are not read here: the `Decoder` opens the path itself (the video decoder child
 reads it directly, no bytes through a pipe). Remote media are downloaded by a small thread
 pool per shard task (`http.max_concurrency`), ahead of decoding and in manifest order, so
-decoding waits on the network only when the network is the bottleneck.
+decoding waits on the network only when the network is the bottleneck; within a byte budget
+(`http.prefetch_bytes`), large files going to local temp files (`pipeline/prefetch.py`).
 
 HTTP is spoken by `http.client` on sockets this module opens itself (docs/untrusted.md): the
 host is resolved once per hop, each address is checked against `http.blocked_networks` before
@@ -37,9 +38,7 @@ import socket
 import ssl
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from http.client import HTTPException
 from typing import Any
@@ -47,6 +46,7 @@ from urllib.parse import quote, urljoin, urlsplit
 
 from core.shard_format import SampleError
 from pipeline.config import HttpConfig
+from pipeline.prefetch import Body, Prefetch, Spilled
 from pipeline.storage import url_to_fs
 from pipeline.untrusted import (
     DEFAULT_REDACT_PARAMS,
@@ -63,7 +63,7 @@ NOT_FOUND_STATUS = {404, 410}
 CHUNK = 1 << 20
 URL_SAFE = "/%:@!$&'()*+,;=-._~?"  # left as they are when quoting a request target
 
-Fetched = tuple[bytes | None, SampleError | None]
+Fetched = tuple[bytes | Spilled | None, SampleError | None]
 
 
 def is_remote(source: str) -> bool:
@@ -199,18 +199,24 @@ class Fetcher:
             AddressPolicy.from_config(http.blocked_networks, http.allowed_networks)
         )
         self._fs: dict[str, Any] = {}
+        self.prefetcher: Prefetch | None = None  # the last `prefetch` (its budget's peak, spills)
 
     def shown(self, url: str) -> str:
         return redact_url(url, self.redact_params)
 
-    def fetch(self, source: str) -> bytes | None:
+    def fetch(self, source: str, body: Body | None = None) -> bytes | Spilled | None:
+        """The bytes of a remote `source` (None for a local path). With `body`, they go there
+        (RAM within its budget, or a temp file) and its `result()` is returned."""
         if not is_remote(source):
             return None
+        body = body if body is not None else Body()
         if source.startswith(("http://", "https://")):
-            return self._http(source)
-        return self._fsspec(source)
+            self._http(source, body)
+        else:
+            self._fsspec(source, body)
+        return body.result()
 
-    def _fsspec(self, url: str) -> bytes:
+    def _fsspec(self, url: str, body: Body) -> None:
         shown = self.shown(url)
         try:
             protocol = url.split("://", 1)[0]
@@ -222,7 +228,13 @@ class Fetcher:
                 raise SampleError(
                     "too_large", f"{shown}: {size} bytes is over http.max_bytes={self.http.max_bytes}"
                 )
-            return fs.cat_file(url)
+            body.start(size)
+            if body.path is None:
+                body.write(fs.cat_file(url))
+                return
+            with fs.open(url, "rb") as fh:  # over http.spill_bytes: streamed to the temp file
+                while chunk := fh.read(CHUNK):
+                    body.write(chunk)
         except FileNotFoundError:
             raise SampleError("missing_file", f"{shown}: no such object (check the manifest URL)") from None
         except PermissionError as exc:  # s3fs: AccessDenied; asking again will not help
@@ -234,7 +246,7 @@ class Fetcher:
             detail = redact_text(f"{type(exc).__name__}: {exc}", self.redact_params)
             raise SampleError("download_error", f"{shown}: {detail}") from None
 
-    def _http(self, url: str) -> bytes:
+    def _http(self, url: str, body: Body) -> None:
         shown = self.shown(url)
         attempts = self.http.retries + 1
         last_reason, last_detail = "download_error", ""
@@ -242,8 +254,9 @@ class Fetcher:
             if attempt:
                 delay = min(self.http.max_backoff_s, self.http.backoff_s * 2 ** (attempt - 1))
                 time.sleep(delay * random.uniform(0.5, 1.5))
+            body.reset()
             try:
-                return self._http_once(url)
+                return self._http_once(url, body)
             except HTTPStatusError as exc:
                 last_reason, last_detail = "download_error", str(exc)
                 if exc.code not in RETRY_STATUS:
@@ -261,7 +274,7 @@ class Fetcher:
         detail = redact_text(last_detail, self.redact_params)
         raise SampleError(last_reason, f"{shown}: {detail} (after {attempts} attempts)")
 
-    def _http_once(self, url: str) -> bytes:
+    def _http_once(self, url: str, body: Body) -> None:
         """One attempt: every hop of the redirect chain and the body, within one Deadline."""
         deadline = Deadline(self.http.timeout_s)
         first = url
@@ -276,7 +289,7 @@ class Fetcher:
                     if response.status >= 300:
                         raise HTTPStatusError(response.status, response.reason)
                     self._check_opt_out(url, response)
-                    return self._read_body(url, response, deadline)
+                    return self._read_body(url, response, deadline, body)
                 finally:  # the response holds the socket open until it is closed itself
                     response.close()
                     conn.close()
@@ -339,49 +352,31 @@ class Fetcher:
                 "(http.disallowed_header_directives)",
             )
 
-    def _read_body(self, url: str, response: http.client.HTTPResponse, deadline: Deadline) -> bytes:
+    def _read_body(
+        self, url: str, response: http.client.HTTPResponse, deadline: Deadline, body: Body
+    ) -> None:
         if response.length is not None and response.length > self.http.max_bytes:  # before reading
             raise SampleError(
                 "too_large",
                 f"{self.shown(url)}: {response.length} bytes is over http.max_bytes={self.http.max_bytes}",
             )
-        chunks, size = [], 0
+        size = 0
+        body.start(response.length)
         while chunk := response.read(CHUNK):
             size += len(chunk)
             if size > self.http.max_bytes:
                 raise SampleError(
                     "too_large", f"{self.shown(url)}: larger than http.max_bytes={self.http.max_bytes}"
                 )
-            chunks.append(chunk)
+            body.write(chunk)
             deadline.remaining()
         deadline.remaining()  # a watchdog shutdown reads as the end of the body
         if response.length:  # the server hung up before Content-Length bytes
             raise http.client.IncompleteRead(b"", response.length)
-        return b"".join(chunks)
-
-    def safe_fetch(self, source: str | None) -> Fetched:
-        if source is None:
-            return None, None
-        try:
-            return self.fetch(source), None
-        except SampleError as exc:
-            return None, exc
 
     def prefetch(self, sources: Iterable[str | None]) -> Iterator[Fetched]:
-        """Fetch results in input order, with up to `max_concurrency` downloads running ahead.
-
-        A None source is passed through untouched (rows that need no fetch)."""
-        window = self.http.max_concurrency
-        with ThreadPoolExecutor(window, thread_name_prefix="fetch") as pool:
-            pending: deque[Future | Fetched] = deque()
-            for source in sources:
-                if source is not None and is_remote(source):
-                    pending.append(pool.submit(self.safe_fetch, source))
-                else:
-                    pending.append((None, None))
-                while len(pending) > window or (pending and not isinstance(pending[0], Future)):
-                    head = pending.popleft()
-                    yield head.result() if isinstance(head, Future) else head
-            while pending:
-                head = pending.popleft()
-                yield head.result() if isinstance(head, Future) else head
+        """Fetch results in input order, up to `max_concurrency` downloads ahead, within
+        `http.prefetch_bytes` (pipeline/prefetch.py). A None source is passed through untouched."""
+        http = self.http
+        self.prefetcher = Prefetch(self, http.prefetch_bytes, http.spill_bytes, http.spill_dir)
+        return self.prefetcher.run(sources)

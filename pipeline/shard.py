@@ -34,6 +34,7 @@ from pipeline.config import PrepConfig
 from pipeline.encode_clients import ActorEncode, LocalEncode, Result
 from pipeline.fetch import Fetcher, is_remote
 from pipeline.manifest import ShardPlan
+from pipeline.prefetch import Spilled
 from pipeline.retry import TransientTaskError, kept_failure, redone, retry_mode
 from pipeline.status_fields import failed_fields, ok_fields
 from pipeline.storage import OutputStore
@@ -286,6 +287,7 @@ class ShardTask:
                     seconds=time.perf_counter() - start,
                     timing=timing,
                     retried=retry,
+                    fetch=_fetch_stats(fetcher),
                 )
             )
         except BaseException:
@@ -293,11 +295,21 @@ class ShardTask:
             raise
 
     @staticmethod
-    def _decode(decoder: Any, kind: str, source: str, caption: Any, data: bytes | None):
+    def _decode(decoder: Any, kind: str, source: str, caption: Any, data: bytes | Spilled | None):
         try:
+            if isinstance(data, Spilled):  # a large download: the decoder opens its temp file
+                return decoder.decode(kind, source, caption, path=data.path)
             return decoder.decode(kind, source, caption, data=data)
         except SampleError as exc:
             return ("failed", exc.reason, exc.detail, exc.meta)
         except Exception as exc:  # a bug on one odd file must not kill the shard
             last = traceback.format_exc().strip().splitlines()[-1]
             return ("failed", "internal_error", f"{source}: {type(exc).__name__}: {last[:300]}")
+
+
+def _fetch_stats(fetcher: Fetcher) -> dict[str, int]:
+    """The shard's downloads against `http.prefetch_bytes` (pipeline/prefetch.py)."""
+    prefetch = fetcher.prefetcher
+    if prefetch is None:
+        return {}
+    return dict(peak_bytes=prefetch.budget.peak, spilled=prefetch.spilled)

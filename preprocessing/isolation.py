@@ -142,13 +142,15 @@ class VideoDecoderProcess:
 
     def decode(
         self, source: str, key: str, data: bytes | None = None, *,
-        _probe_only: bool = False,
+        path: str | None = None, _probe_only: bool = False,
     ) -> tuple[np.ndarray | None, dict[str, Any]]:
-        """uint8 [F,H,W,3] frames (resized + centre-cropped to W×H) and metadata; SampleError."""
+        """uint8 [F,H,W,3] frames (resized + centre-cropped to W×H) and metadata; SampleError.
+        `path`: a local file holding `source`'s bytes, which the child opens (messages name `source`)."""
         self.start()
         cfg = self.cfg
         req = {
-            "source": source, "key": key, "frames": cfg.frames, "width": cfg.width, "height": cfg.height,
+            "source": path or source, "key": key, "frames": cfg.frames,
+            "width": cfg.width, "height": cfg.height,
             "target_fps": cfg.target_fps, "threads": self.threads,
             "probe_only": _probe_only,
         }

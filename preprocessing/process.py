@@ -104,24 +104,28 @@ class Decoder:
         self._videos = VideoDecoderProcess(video, threads=decode_threads)
         allow_up_to(image.max_pixels)
 
-    def decode(self, kind: str, source: str, caption: Any, data: bytes | None = None) -> Decoded:
-        """Decode `source` (a local path, or any URI when `data` holds its bytes)."""
+    def decode(self, kind: str, source: str, caption: Any, data: bytes | None = None,
+               path: str | None = None) -> Decoded:
+        """Decode `source` (a local path, or any URI when `data` holds its bytes or `path` names
+        a local file holding them: a large download kept on disk, opened by the video child)."""
         if kind not in KINDS:
             raise ValueError(f"kind must be 'video' or 'image', got {kind!r}")
         text = clean_caption(caption, source)
         key = sample_key(source)
         if data is not None and not data:
             raise SampleError("empty_file", f"{source}: file is empty (0 bytes)")
+        if path is not None and (kind == "image" or self.video.decoder == "nvdec"):
+            data, path = read_local(path), None  # PIL, and the encoder actor, want the bytes
         if kind == "image":
             pixels, meta = load_image(source, read_local(source) if data is None else data, self.image)
             meta.update(width=self.image.width, height=self.image.height)
         else:
             if data is None:
-                check_local(source)  # the child opens the path itself: no bytes through the pipe
+                check_local(path or source)  # the child opens the path itself: no bytes through the pipe
             if self.video.decoder == "nvdec":  # probed here, isolated; decoded on the actor's GPU
                 pixels, meta = None, self._videos.probe(source, key, data)
             else:
-                pixels, meta = self._videos.decode(source, key, data)
+                pixels, meta = self._videos.decode(source, key, data, path=path)
                 meta["decoder"] = self._videos.backend
             meta.update(
                 frames=self.video.frames, width=self.video.width, height=self.video.height,
