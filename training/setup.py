@@ -42,7 +42,24 @@ def init_distributed() -> tuple[int, int, torch.device]:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local)
+    else:
+        release_shm_name(dist.get_rank())
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def release_shm_name(rank: int) -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer name once every rank has mapped it.
+
+    With all ranks on one host, DeepSpeed's CPU shm all-reduce creates
+    /dev/shm/deepspeed_allreduce_buffer_UID_ADDR_PORT_RANK (~70 MB each) and never unlinks it,
+    so every CPU launch leaked world_size of them into RAM-backed tmpfs (19 GB after a day of
+    test runs here). Peers open the names only inside `init_distributed`; after the barrier
+    nobody needs them, and the mappings stay valid until the process exits, killed or not."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    path = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    path.unlink(missing_ok=True)
 
 
 @dataclass

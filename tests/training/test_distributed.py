@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainlib import TINY, launch, tail
+from trainlib import TINY, launch, shm_leftovers, tail
 
 from core.config import load_config
 from core.encoders import TextEncoder
@@ -30,7 +30,14 @@ def checks(dataset, init_weights, tmp_path_factory) -> tuple[Path, TrainConfig]:
         timeout=800,
     )
     assert done.returncode == 0 and (out / "done").is_file(), tail(done)
+    (out / "master_port").write_text(str(done.master_port))
     return out, load_config(TrainConfig, TINY, [f"model.init={init_weights}"])
+
+
+def test_launch_leaves_no_shm_buffers(checks):
+    # DeepSpeed never unlinks its CPU all-reduce buffers; training/setup.py does, per rank.
+    out, _ = checks
+    assert shm_leftovers(int((out / "master_port").read_text())) == []
 
 
 def reference_grads(folder: Path, cfg: TrainConfig, decay: float) -> dict[str, torch.Tensor]:

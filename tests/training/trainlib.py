@@ -20,9 +20,18 @@ def env() -> dict[str, str]:
 
 
 def launch(script: str, ranks: int, args: list[str], timeout: int = 420) -> subprocess.CompletedProcess:
-    """Run `script` under the real `deepspeed` launcher on `ranks` CPU processes (gloo)."""
-    cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), script, *args]
-    return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    """Run `script` under the real `deepspeed` launcher on `ranks` CPU processes (gloo); the
+    result's `master_port` names the run's DeepSpeed shm buffers (`shm_leftovers`)."""
+    port = free_port()
+    cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(port), script, *args]
+    done = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    done.master_port = port  # type: ignore[attr-defined]
+    return done
+
+
+def shm_leftovers(port: int) -> list[Path]:
+    """DeepSpeed CPU all-reduce buffers of the launch on `port` still named in /dev/shm."""
+    return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def start(script: str, ranks: int, args: list[str], log: Path) -> subprocess.Popen:
