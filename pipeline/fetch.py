@@ -374,6 +374,10 @@ class Fetcher:
         if response.length:  # the server hung up before Content-Length bytes
             raise http.client.IncompleteRead(b"", response.length)
 
+    def needs_fetch(self, source: str | None) -> bool:
+        """Whether `prefetch` downloads `source` (remote); None and local paths pass through."""
+        return source is not None and is_remote(source)
+
     def prefetch(self, sources: Iterable[str | None]) -> Iterator[Fetched]:
         """Fetch results in input order, up to `max_concurrency` downloads ahead, within
         `http.prefetch_bytes` (pipeline/prefetch.py). A None source is passed through untouched."""

@@ -159,11 +159,10 @@ class Prefetch:
                 self.folder = tempfile.mkdtemp(prefix="higen-fetch-", dir=self.spill_root)
             return self.folder
 
-    def _fetch(self, source: str):
+    def _fetch(self, source: Any) -> tuple[Body, tuple[Any, Any]]:
         body = Body(self.budget, self.spill_bytes, self._folder)
         try:
-            self.fetcher.fetch(source, body)
-            result = body.result()
+            result = self.fetcher.fetch(source, body)  # body.result(), or bytes it got another way
         except SampleError as exc:  # the row's failure
             body.discard()
             return body, (None, exc)
@@ -175,14 +174,14 @@ class Prefetch:
                 self.spilled += 1
         return body, (result, None)
 
-    def run(self, sources: Iterable[str | None]) -> Iterator[tuple[Any, Any]]:
+    def run(self, sources: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
         window = self.fetcher.http.max_concurrency
         pending: deque[Future | None] = deque()
         pool = ThreadPoolExecutor(window, thread_name_prefix="fetch")
         try:
             it = iter(sources)
             for source in it:
-                if source is not None and "://" in source:
+                if self.fetcher.needs_fetch(source):
                     pending.append(pool.submit(self._fetch, source))
                 else:
                     pending.append(None)

@@ -125,3 +125,34 @@ def test_actor_death_mid_shard_retries_the_task_and_commits_no_failures(
     assert prep("--images", images, "--out", str(tmp_path / "ref"), "--samples-per-shard", "3") == 0
     for tar in sorted((tmp_path / "ref" / "images").glob("*.tar")):
         assert (out / "images" / tar.name).read_bytes() == tar.read_bytes()
+
+
+def test_a_storage_error_fails_the_task_not_its_rows(synthetic, tmp_path, monkeypatch):
+    """An output store failure mid-commit raises TransientTaskError (Dispatch's Ray task retries
+    it, as for the actor death above) and commits nothing; the retried run commits every row ok."""
+    from core.config import load_config
+    from pipeline.config import PrepConfig
+    from pipeline.manifest import ShardPlan
+    from pipeline.retry import TransientTaskError
+    from pipeline.shard import ShardTask
+    from pipeline.storage import OutputStore
+
+    cfg = load_config(PrepConfig, str(Path(__file__).parents[2] / "configs/prep/tiny.yaml"), [])
+    good = pd.read_parquet(synthetic / "good_images.parquet")[:2]
+    plan = ShardPlan("images", 0, 0, list(good.image), list(good.caption), roots=(str(synthetic),))
+    real, failures = OutputStore.publish, []
+
+    def publish_once_broken(self, tmp, final):
+        if not failures:
+            failures.append(final)
+            raise ConnectionResetError("the object store hung up")
+        return real(self, tmp, final)
+
+    monkeypatch.setattr(OutputStore, "publish", publish_once_broken)
+    task = ShardTask(cfg, str(tmp_path / "out"), "fp")
+    with pytest.raises(TransientTaskError, match="storage error: ConnectionResetError"):
+        task.run(plan)
+    assert failures and not (tmp_path / "out" / "images" / "000000.json").exists()
+    stats = task.run(plan)
+    assert (stats["ok"], stats["failed"]) == (2, 0)
+    assert (tmp_path / "out" / "images" / "000000.json").exists()
