@@ -11,7 +11,8 @@ decoder child opens by path) when
   file the decoder needs next can always finish (no deadlock behind files fetched ahead).
 No new download starts while the budget is full. The files live in one folder per task under
 `http.spill_dir` (the system temp folder by default), removed when the task has passed them and
-again when it ends.
+again when it ends; a task killed before that leaves its folder to the next task on the host,
+which removes the folders of dead processes (`_sweep_dead`).
 
 Outside the budget: one read buffer (1 MiB) per download thread, and a file's bytes while
 the decoder works on them (the consumer releases a file by asking for the next one).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 import threading
 from collections import deque
@@ -122,7 +124,9 @@ class Body:
 
     def result(self) -> bytes | Spilled:
         if self._file is None:
-            return b"".join(self.chunks) if len(self.chunks) != 1 else self.chunks[0]
+            if len(self.chunks) != 1:  # one copy held, not the pieces and their join
+                self.chunks = [b"".join(self.chunks)]
+            return self.chunks[0]
         self._file.close()
         return Spilled(str(self.path), self.size)
 
@@ -137,6 +141,38 @@ class Body:
             except FileNotFoundError:
                 pass
             self.path = None
+
+
+_PREFIX = "higen-fetch-"
+
+
+def _host() -> str:
+    return socket.gethostname().replace("-", "_") or "host"
+
+
+def _sweep_dead(root: str) -> None:
+    """Remove the temp folders of this host's tasks that died without cleaning up (SIGKILL,
+    OOM): named `higen-fetch-HOST-PID-*`, for a PID that no longer runs. Other hosts sharing
+    the folder (a network disk) and live processes are left alone."""
+    mine = f"{_PREFIX}{_host()}-"
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(mine):].split("-", 1)[0] if name.startswith(mine) else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 class Prefetch:
@@ -156,7 +192,9 @@ class Prefetch:
         with self._lock:
             if self.folder is None:
                 os.makedirs(self.spill_root, exist_ok=True)
-                self.folder = tempfile.mkdtemp(prefix="higen-fetch-", dir=self.spill_root)
+                _sweep_dead(self.spill_root)
+                prefix = f"{_PREFIX}{_host()}-{os.getpid()}-"
+                self.folder = tempfile.mkdtemp(prefix=prefix, dir=self.spill_root)
             return self.folder
 
     def _fetch(self, source: Any) -> tuple[Body, tuple[Any, Any]]:

@@ -153,3 +153,25 @@ def test_prep_over_http_with_every_video_spilled_gives_the_same_shards(
         for tar in sorted((tmp_path / "ram" / kind).glob("*.tar")):
             assert (tmp_path / "spilled" / kind / tar.name).read_bytes() == tar.read_bytes()
     assert spill.is_dir() and os.listdir(spill) == []  # every task's temp folder removed
+
+
+def test_a_killed_tasks_temp_folder_is_swept_by_the_next(tmp_path):
+    import subprocess
+    import sys
+
+    from pipeline.prefetch import _PREFIX, _host
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    spill = tmp_path / "spill"
+    stale = spill / f"{_PREFIX}{_host()}-{dead}-abc"
+    live = spill / f"{_PREFIX}{_host()}-{os.getpid()}-def"  # a running task's folder
+    other = spill / f"{_PREFIX}otherhost-{dead}-ghi"  # another host's (a shared disk)
+    for folder in (stale, live, other):
+        folder.mkdir(parents=True)
+        (folder / "x.part").write_bytes(b"x")
+    cfg = http_cfg(tmp_path, "http.prefetch_bytes=1000", "http.spill_bytes=10")
+    with HostileHTTP("127.0.0.1") as server:
+        url = server.route("/big", body=b"y" * 100)
+        assert [read(item) for item in Fetcher(cfg).prefetch([url])] == [b"y" * 100]
+    assert sorted(os.listdir(spill)) == sorted([live.name, other.name])
