@@ -13,8 +13,9 @@ neighbour failed.
 Duplicates are found before any work: the first row with a given source keeps the key, later
 ones fail with reason `duplicate`; the driver marks repeats of a source first seen in an
 earlier shard (`ShardPlan.duplicate_of`), so a key appears once per dataset. Any exception from one
-sample becomes that row's failure; only storage errors (the shard cannot be written) fail
-the task.
+sample becomes that row's failure; only what is no row's fault fails the task, as
+`TransientTaskError` (a storage error, an encoder actor that died; pipeline/retry.py), which
+Ray retries whole.
 
 Untrusted rows (docs/untrusted.md): each source passes `SourcePolicy.check` (protocol, and a
 local path's realpath inside the manifest's roots) before any byte is read; a local file is
