@@ -63,7 +63,7 @@ NOT_FOUND_STATUS = {404, 410}
 CHUNK = 1 << 20
 URL_SAFE = "/%:@!$&'()*+,;=-._~?"  # left as they are when quoting a request target
 
-Fetched = tuple[bytes | Spilled | None, SampleError | None]
+Fetched = tuple[bytes | bytearray | Spilled | None, SampleError | None]
 
 
 def is_remote(source: str) -> bool:
@@ -204,7 +204,7 @@ class Fetcher:
     def shown(self, url: str) -> str:
         return redact_url(url, self.redact_params)
 
-    def fetch(self, source: str, body: Body | None = None) -> bytes | Spilled | None:
+    def fetch(self, source: str, body: Body | None = None) -> bytes | bytearray | Spilled | None:
         """The bytes of a remote `source` (None for a local path). With `body`, they go there
         (RAM within its budget, or a temp file) and its `result()` is returned."""
         if not is_remote(source):

@@ -14,8 +14,10 @@ No new download starts while the budget is full. The files live in one folder pe
 again when it ends; a task killed before that leaves its folder to the next task on the host,
 which removes the folders of dead processes (`_sweep_dead`).
 
-Outside the budget: one read buffer (1 MiB) per download thread, and a file's bytes while
-the decoder works on them (the consumer releases a file by asking for the next one).
+Outside the budget: one read buffer (1 MiB) per download thread, a growing body's spare
+capacity (a bytearray over-allocates up to about 1/8), and a file's bytes while the decoder
+works on them (the consumer releases a file by asking for the next one). `bench/fetch_memory.py`
+measures both counts.
 """
 
 from __future__ import annotations
@@ -78,8 +80,10 @@ class Body:
     def __init__(self, budget: ByteBudget | None = None, spill_bytes: int | None = None,
                  spill_dir: Any = None):
         self.budget, self.spill_bytes, self.spill_dir = budget, spill_bytes, spill_dir
-        self.chunks: list[bytes] = []
-        self.held = 0  # bytes of `chunks` counted against the budget
+        # In RAM: the first chunk as read, then one growing bytearray (a join of many chunks
+        # would hold the body twice at the end).
+        self.ram: bytes | bytearray = b""
+        self.held = 0  # bytes of `ram` counted against the budget
         self.size = 0
         self.path: str | None = None
         self._file: IO[bytes] | None = None
@@ -95,11 +99,11 @@ class Body:
         if self._file is None:
             if self.budget is None or self.budget.take(len(chunk)):
                 self.held += len(chunk) if self.budget is not None else 0
-                self.chunks.append(chunk)
+                self._keep(chunk)
                 return
             self._spill()  # no room: to disk rather than wait on the files fetched ahead
         if self._file is None:  # nowhere to spill (a plain Body): RAM, uncounted
-            self.chunks.append(chunk)
+            self._keep(chunk)
             return
         self._file.write(chunk)
 
@@ -108,12 +112,11 @@ class Body:
             return
         fd, self.path = tempfile.mkstemp(dir=self.spill_dir(), suffix=".part")
         self._file = os.fdopen(fd, "wb")
-        for chunk in self.chunks:
-            self._file.write(chunk)
+        self._file.write(self.ram)
         self._release_ram()
 
     def _release_ram(self) -> None:
-        self.chunks = []
+        self.ram = b""
         if self.budget is not None and self.held:
             self.budget.give(self.held)
         self.held = 0
@@ -122,11 +125,18 @@ class Body:
         self.discard()
         self.size = 0
 
-    def result(self) -> bytes | Spilled:
+    def _keep(self, chunk: bytes) -> None:
+        if not self.ram:
+            self.ram = chunk
+        else:
+            if isinstance(self.ram, bytes):
+                self.ram = bytearray(self.ram)
+            self.ram += chunk
+
+    def result(self) -> bytes | bytearray | Spilled:
+        """The body: bytes-like in RAM (a bytearray when it came in several chunks), or a `Spilled`."""
         if self._file is None:
-            if len(self.chunks) != 1:  # one copy held, not the pieces and their join
-                self.chunks = [b"".join(self.chunks)]
-            return self.chunks[0]
+            return self.ram
         self._file.close()
         return Spilled(str(self.path), self.size)
 

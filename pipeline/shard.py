@@ -296,7 +296,7 @@ class ShardTask:
             raise
 
     @staticmethod
-    def _decode(decoder: Any, kind: str, source: str, caption: Any, data: bytes | Spilled | None):
+    def _decode(decoder: Any, kind: str, source: str, caption: Any, data: bytes | bytearray | Spilled | None):
         try:
             if isinstance(data, Spilled):  # a large download: the decoder opens its temp file
                 return decoder.decode(kind, source, caption, path=data.path)
