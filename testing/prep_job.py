@@ -170,11 +170,12 @@ def tar_bytes(out: Path) -> dict[str, bytes]:
 
 
 def status_tables(out: Path) -> dict[str, list]:
-    """Status parquet contents per shard (the bytes may differ only in parquet metadata)."""
-    return {
-        f"{p.parent.name}/{p.name}": pd.read_parquet(p).to_dict("records")
-        for p in sorted(out.glob("*/*.parquet"))
-    }
+    """Status parquet contents per shard (the bytes may differ only in parquet metadata). Read
+    with pyarrow: nulls stay None (pandas makes a null float NaN, and NaN != NaN)."""
+    import pyarrow.parquet as pq
+
+    files = sorted(out.glob("*/*.parquet"))
+    return {f"{p.parent.name}/{p.name}": pq.read_table(p).to_pylist() for p in files}
 
 
 def committed(out: Path) -> list[Path]:
