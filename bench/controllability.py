@@ -114,8 +114,9 @@ def build(args: argparse.Namespace, work: Path) -> dict[str, float]:
             shutil.rmtree(run)
         times["train"] = run_cmd(cmd, work / "train.log")
     if "train" in times or not (run / "export" / "unet.safetensors").is_file():
-        # a safetensors export: sampling then needs no trust in a pickled DeepSpeed checkpoint
-        cmd = [py, "-m", "training.export", "--ckpt", str(run), "--out", str(run / "export")]
+        # a safetensors export of our own run (made once, trusted): sampling then unpickles nothing
+        cmd = [py, "-m", "training.export", "--ckpt", str(run), "--out", str(run / "export"),
+               "--trust-checkpoint"]
         times["export"] = run_cmd(cmd, work / "export.log")
     return times
 

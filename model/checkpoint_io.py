@@ -11,7 +11,8 @@
 
 Safetensors exports load from anywhere. A DeepSpeed checkpoint is a set of pickles: reading it
 can run code from whoever wrote it, so it loads only with `trust_checkpoint=True`
-(`--trust-checkpoint`); `python -m training.export` turns it into a safetensors export once.
+(`--trust-checkpoint`); `python -m training.export --trust-checkpoint` turns it into a
+safetensors export once.
 
 `model.yaml` / `config.yaml` carry the training data's `statistics` (core/statistics.py) when the
 run had them; `ModelBundle.statistics` is None for older runs (calibration unavailable).
@@ -150,9 +151,9 @@ def consolidate(ckpt: Path, train_config: Path, trust_checkpoint: bool = False) 
     if not trust_checkpoint:
         raise CheckpointError(
             f"{ckpt} is a DeepSpeed checkpoint: loading it unpickles Python objects, which can run any "
-            "code its author put there. If you trust where it came from, pass --trust-checkpoint; or "
-            f"export it once (python -m training.export --ckpt {ckpt} --out EXPORT_DIR) and pass "
-            "--ckpt EXPORT_DIR (a safetensors export loads from anywhere)")
+            "code its author put there. If you trust where it came from, pass --trust-checkpoint, or "
+            f"export it once (python -m training.export --ckpt {ckpt} --out EXPORT_DIR "
+            "--trust-checkpoint) and pass --ckpt EXPORT_DIR: a safetensors export loads from anywhere")
     if not train_config.is_file():
         raise CheckpointError(f"{ckpt}: no {train_config} holding the model config; pass an export instead")
     data = _read_model_yaml(train_config)

@@ -35,7 +35,7 @@ from pipeline.placement import actor_env, check_decoder, check_devices, local_mo
 from pipeline.preflight import JobArgs, JobError, Preflight, Ready  # noqa: F401  (public names)
 from pipeline.retry import TransientTaskError, retry_mode, shards_to_retry
 from pipeline.shard import ShardTask
-from pipeline.statistics import dataset_statistics
+from pipeline.statistics import FactorStats
 from pipeline.storage import KINDS, OutputStore, json_bytes
 from pipeline.summary import KindStats, Summary
 from pipeline.untrusted import redact_url
@@ -249,16 +249,22 @@ class Finalize:
         index_rows: list[dict[str, Any]] = []
         for kind in KINDS:
             committed = sorted(self.store.committed(kind))
-            known = summary.kinds[kind].shard_stats if kind in summary.kinds else {}
-            missing = [self.store.shard_path(kind, i, "json") for i in committed if i not in known]
-            shard_stats = {**{int(s["shard"]): s for s in self.store.read_jsons(missing).values()}, **known}
+            run = summary.kinds.get(kind)
+            known = {i: s for i, s in (run.shard_stats if run else {}).items() if i in committed}
+            factors = run.factor_stats if run else FactorStats()
+            shard_stats = dict(known)
+            missing = [i for i in committed if i not in known]
+            for start in range(0, len(missing), 1024):  # earlier runs' shards, a chunk at a time
+                chunk = [self.store.shard_path(kind, i, "json") for i in missing[start : start + 1024]]
+                for stats in self.store.read_jsons(chunk).values():
+                    factors.add(stats)
+                    stats.pop("factors", None)  # merged: the driver keeps O(shards)
+                    shard_stats[int(stats["shard"])] = stats
             summary.totals[kind] = KindStats.totals([shard_stats[i] for i in committed if i in shard_stats])
             model_ids = model_ids or next((s.get("model_ids") for s in shard_stats.values()), None)
             index_rows += [_index_row(kind, shard_stats[i]) for i in committed if i in shard_stats]
             if kind == "videos" and committed:
-                video = self.cfg.video
-                done = [shard_stats[i] for i in committed if i in shard_stats]
-                statistics = dataset_statistics(done, video.width, video.height)
+                statistics = factors.result(self.cfg.video.width, self.cfg.video.height)
         self.write_index(index_rows)
         self.write_dataset_json(summary.totals, model_ids, complete=summary.complete, statistics=statistics)
         self.store.clean_tmp()

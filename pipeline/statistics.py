@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from core.statistics import DataStatistics
+from core.statistics import MOTION_UNITS, PERCENTILES, DataStatistics
 
 
 def _npy(data: bytes) -> np.ndarray:
@@ -65,24 +65,99 @@ class FactorLog:
                 "latent_shape": self.latent_shape, "skipped": self.skipped}
 
 
-def dataset_statistics(shard_stats: list[dict[str, Any]], width: int, height: int
-                       ) -> tuple[dict[str, Any] | None, str]:
+# Up to this many clips the percentiles are exact (two float32 arrays: 32 MB); past it the
+# driver keeps fixed-bin histograms instead, so finalize holds O(bins), not O(clips), for a
+# 70M-clip dataset. Both are order-independent: the same shards give the same statistics.
+EXACT_CLIPS = 1 << 22
+MOTION_EDGES = np.geomspace(1e-7, 1e5, 8193)  # raw motion factor, log bins: 0.34% wide
+CHANGE_EDGES = np.linspace(-1.0, 2.0, 8193)  # 1 - cosine similarity: 3.7e-4 wide
+
+
+def _hist_percentiles(counts: np.ndarray, edges: np.ndarray, scale: float = 1.0) -> dict[str, float]:
+    """np.percentile's linear rule on binned values: each bin's values taken at its centre."""
+    centres = (edges[:-1] + edges[1:]) / 2
+    cum = np.cumsum(counts)
+    n = int(cum[-1])
+    out = {}
+    for p in PERCENTILES:
+        pos = p / 100 * (n - 1)  # 0-based rank, as np.percentile's default
+        lo, hi = int(np.floor(pos)), int(np.ceil(pos))
+        v_lo, v_hi = centres[np.searchsorted(cum, lo + 1)], centres[np.searchsorted(cum, hi + 1)]
+        out[f"p{p}"] = float(scale * (v_lo + (pos - lo) * (v_hi - v_lo)))
+    return out
+
+
+class FactorStats:
+    """Every committed video shard's `factors`, merged one shard at a time (`add`), then
+    `result()`: the driver keeps per-clip values only up to `exact_clips`, then histograms."""
+
+    def __init__(self, exact_clips: int = EXACT_CLIPS):
+        self.exact_clips = exact_clips
+        self.motion: list[np.ndarray] = []
+        self.change: list[np.ndarray] = []
+        self.clips = 0
+        self.hist: tuple[np.ndarray, np.ndarray] | None = None
+        self.shapes: set[tuple[int, ...]] = set()
+        self.older: list[str] = []  # ok shards from a prep without per-clip factors
+        self.with_factors = 0
+
+    def add(self, stats: dict[str, Any]) -> None:
+        """Merge one shard's stats json; its `factors` lists may be dropped afterwards."""
+        if not stats.get("ok"):
+            return
+        factors = stats.get("factors")
+        if not factors:
+            if "factors" not in stats:
+                self.older.append(stats["shard"])
+            return
+        self.with_factors += 1
+        if not factors["motion_mean"]:
+            return
+        if factors.get("latent_shape"):
+            self.shapes.add(tuple(factors["latent_shape"]))
+        motion = np.asarray(factors["motion_mean"], np.float32)
+        change = np.asarray(factors["appearance_change"], np.float32)
+        self.clips += motion.size
+        if self.hist is None and self.clips <= self.exact_clips:
+            self.motion.append(motion)
+            self.change.append(change)
+            return
+        if self.hist is None:  # past the limit: bin what was kept, then keep bins only
+            self.hist = (np.zeros(len(MOTION_EDGES) + 1, np.int64), np.zeros(len(CHANGE_EDGES) + 1, np.int64))
+            motion, change = np.concatenate([*self.motion, motion]), np.concatenate([*self.change, change])
+            self.motion, self.change = [], []
+        self.hist[0][:] += np.bincount(np.searchsorted(MOTION_EDGES, motion), minlength=len(MOTION_EDGES) + 1)
+        self.hist[1][:] += np.bincount(np.searchsorted(CHANGE_EDGES, change), minlength=len(CHANGE_EDGES) + 1)
+
+    def result(self, width: int, height: int) -> tuple[dict[str, Any] | None, str]:
+        """(statistics for dataset.json, why-none)."""
+        if self.older:
+            return None, (f"{len(self.older)} video shard(s) (e.g. {self.older[0]}) were written by an older "
+                          "prep without per-clip factors; rerun prep with --overwrite to compute statistics")
+        if not self.with_factors:
+            return None, "no video clips"
+        if not self.clips:
+            return None, "no video clip has finite motion and appearance factors"
+        if len(self.shapes) != 1:
+            return None, f"video shards disagree on the latent shape: {sorted(self.shapes)}"
+        frames, _, h, w = next(iter(self.shapes))
+        if self.hist is None:
+            stats = DataStatistics.from_values(np.concatenate(self.motion), np.concatenate(self.change),
+                                               frames, width, height, (h, w))
+            return stats.to_dict(), ""
+        # Values outside the edges sit in the end bins (index 0 and len): clamp them to the edges.
+        motion_edges = np.concatenate([[MOTION_EDGES[0]], MOTION_EDGES, [MOTION_EDGES[-1]]])
+        change_edges = np.concatenate([[CHANGE_EDGES[0]], CHANGE_EDGES, [CHANGE_EDGES[-1]]])
+        stats = DataStatistics(self.clips, int(frames), int(width), int(height), (int(h), int(w)),
+                               _hist_percentiles(self.hist[0], motion_edges, MOTION_UNITS),
+                               _hist_percentiles(self.hist[1], change_edges))
+        return stats.to_dict(), ""
+
+
+def dataset_statistics(shard_stats: list[dict[str, Any]], width: int, height: int,
+                       exact_clips: int = EXACT_CLIPS) -> tuple[dict[str, Any] | None, str]:
     """(statistics for dataset.json, why-none) over the committed video shards' stats."""
-    with_factors = [s for s in shard_stats if s.get("ok") and s.get("factors")]
-    older = [s["shard"] for s in shard_stats if s.get("ok") and "factors" not in s]
-    if older:
-        return None, (f"{len(older)} video shard(s) (e.g. {older[0]}) were written by an older prep "
-                      "without per-clip factors; rerun prep with --overwrite to compute statistics")
-    if not with_factors:
-        return None, "no video clips"
-    with_factors = [s for s in with_factors if s["factors"]["motion_mean"]]
-    if not with_factors:
-        return None, "no video clip has finite motion and appearance factors"
-    shapes = {tuple(s["factors"]["latent_shape"]) for s in with_factors if s["factors"].get("latent_shape")}
-    if len(shapes) != 1:
-        return None, f"video shards disagree on the latent shape: {sorted(shapes)}"
-    frames, _, h, w = next(iter(shapes))
-    motion = np.concatenate([np.asarray(s["factors"]["motion_mean"], np.float32) for s in with_factors])
-    change = np.concatenate([np.asarray(s["factors"]["appearance_change"], np.float32) for s in with_factors])
-    stats = DataStatistics.from_values(motion, change, frames, width, height, (h, w))
-    return stats.to_dict(), ""
+    acc = FactorStats(exact_clips)
+    for stats in shard_stats:
+        acc.add(stats)
+    return acc.result(width, height)

@@ -6,6 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.statistics import FactorStats
 from pipeline.untrusted import redact_text
 
 
@@ -14,6 +15,8 @@ class KindStats:
     """One kind (`videos` / `images`) in this run."""
 
     shard_stats: dict[int, dict[str, Any]] = field(default_factory=dict)  # shards written now
+    # their per-clip factors, merged as they arrive: shard_stats keep no per-clip lists
+    factor_stats: FactorStats = field(default_factory=FactorStats)
     skipped: list[int] = field(default_factory=list)  # committed before: not touched
     errors: dict[int, str] = field(default_factory=dict)  # shards whose task failed
     seconds: float = 0.0
@@ -23,6 +26,10 @@ class KindStats:
         return sum(s["rows"] for s in self.shard_stats.values())
 
     def add_done(self, stats: dict[str, Any]) -> None:
+        self.factor_stats.add(stats)
+        if stats.get("factors"):  # O(shards) in the driver, not O(clips)
+            stats = dict(stats, factors={k: v for k, v in stats["factors"].items()
+                                         if k not in ("motion_mean", "appearance_change")})
         self.shard_stats[int(stats["shard"])] = stats
 
     def add_error(self, index: int, exc: BaseException) -> None:

@@ -34,7 +34,7 @@ DS=(.venv/bin/deepspeed --num_gpus 4 --master_port 29533 training/train.py
 
 step "5/8 resume from the newest complete checkpoint and train to step 10"
 "${DS[@]}" --max-steps 10 --resume auto
-$PY -m training.export --ckpt "$OUT/run" --out "$OUT/run/export"
+$PY -m training.export --ckpt "$OUT/run" --out "$OUT/run/export" --trust-checkpoint  # our own run
 
 step "6/8 two-stage sampling (spatial reasoning, then temporal reasoning with motion/appearance)"
 $PY -m model.sample --config configs/sample/tiny.yaml --ckpt "$OUT/run" \

@@ -221,8 +221,9 @@ def test_training_output_is_consolidated_from_newest_complete_checkpoint(tmp_pat
     assert set(got) == set(expected)
     for name, value in expected.items():
         torch.testing.assert_close(got[name], value, msg=name)
-    # training.export carries the statistics into model.yaml; the export needs no trust.
+    # training.export carries the statistics into model.yaml; making it unpickles (trust), loading
+    # the export does not.
     from training.export import export
 
-    exported = load_for_sampling(export(run, tmp_path / "export"))
+    exported = load_for_sampling(export(run, tmp_path / "export", trust_checkpoint=True))
     assert exported.statistics == STATS and exported.step == 7

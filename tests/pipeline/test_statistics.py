@@ -108,3 +108,35 @@ def test_prep_writes_statistics_of_its_clips(synthetic, ray_session, prep, tmp_p
     expected = np.percentile(change, PERCENTILES)
     got = [stats.appearance_change[f"p{p}"] for p in PERCENTILES]
     assert got == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
+def _big_shards(n_shards: int = 40, clips: int = 500) -> list[dict]:
+    rng = np.random.default_rng(0)
+    return [{"shard": f"{i:06d}", "ok": clips,
+             "factors": {"motion_mean": rng.lognormal(-1.0, 1.0, clips).tolist(),
+                         "appearance_change": rng.uniform(0.0, 0.6, clips).tolist(),
+                         "latent_shape": [4, 4, 2, 3], "skipped": 0}} for i in range(n_shards)]
+
+
+def test_past_the_exact_limit_the_driver_bins_and_stays_close():
+    # 20k clips; with exact_clips=1000 the driver keeps histograms (O(bins), not O(clips)).
+    shards = _big_shards()
+    exact, _ = dataset_statistics(shards, 24, 16)
+    binned, why = dataset_statistics(shards, 24, 16, exact_clips=1000)
+    assert why == "" and binned["clips"] == exact["clips"] == 20_000
+    for p in PERCENTILES:
+        assert binned["motion"][f"p{p}"] == pytest.approx(exact["motion"][f"p{p}"], rel=5e-3)
+        assert binned["appearance_change"][f"p{p}"] == pytest.approx(
+            exact["appearance_change"][f"p{p}"], abs=5e-4)
+    # Order-independent: shards finish in any order, dataset.json says the same.
+    assert dataset_statistics(shards[::-1], 24, 16, exact_clips=1000)[0] == binned
+
+
+def test_the_run_summary_keeps_no_per_clip_lists():
+    from pipeline.summary import KindStats
+
+    stats = KindStats()
+    for shard in _big_shards(3, 10):
+        stats.add_done(shard)
+    assert all("motion_mean" not in s["factors"] for s in stats.shard_stats.values())
+    assert stats.factor_stats.result(24, 16)[0] == dataset_statistics(_big_shards(3, 10), 24, 16)[0]

@@ -21,6 +21,7 @@ from core.config import from_dict
 from model.config import UNetConfig
 from model.unet import HiGenUNet
 from training.export import export
+from training.export import main as export_main
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +64,11 @@ def test_resume_reproduces_uninterrupted_losses(baseline, dataset, tmp_path):
 
 
 def test_export_loads_into_the_unet(baseline, tmp_path):
-    out = export(baseline, tmp_path / "export")
+    # DeepSpeed's files are pickles: the trained weights export only when trusted, and the CLI
+    # says so with exit 2 and writes nothing.
+    assert export_main(["--ckpt", str(baseline), "--out", str(tmp_path / "refused")]) == 2
+    assert not (tmp_path / "refused").exists()
+    out = export(baseline, tmp_path / "export", trust_checkpoint=True)
     import yaml
 
     model = yaml.safe_load((out / "model.yaml").read_text())
@@ -160,7 +165,7 @@ def test_sigterm_writes_a_checkpoint_and_exits(dataset, tmp_path):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     # EMA weights (decay 0.5: after >= 1 step they differ from the initial and the trained weights)
     ema = load_file(str(export(out, tmp_path / "ema", ema=True) / "unet.safetensors"))
-    trained = load_file(str(export(out, tmp_path / "raw") / "unet.safetensors"))
+    trained = load_file(str(export(out, tmp_path / "raw", trust_checkpoint=True) / "unet.safetensors"))
     assert ema.keys() == trained.keys()
     assert any(not torch.equal(ema[k], trained[k]) for k in ema)
     # Secrets: grep every file of the run (checkpoints, pickles, TensorBoard, configs) and the console.
