@@ -60,7 +60,7 @@ def test_cli_retry_failed_with_and_without_a_value():
 
 
 @pytest.mark.slow
-def test_503_redone_by_plain_retry_404_only_by_all(synthetic, ray_session, prep, tmp_path):
+def test_503_redone_by_plain_retry_404_only_by_all(synthetic, ray_session, prep, tmp_path, capsys):
     png = next((synthetic / "images").glob("*.png")).read_bytes()
     with HostileHTTP("127.0.0.1") as server:
         urls = [server.route("/a.png", body=png), server.route("/busy.png", status=503, body=b"busy"),
@@ -68,6 +68,7 @@ def test_503_redone_by_plain_retry_404_only_by_all(synthetic, ray_session, prep,
         pd.DataFrame({"image": urls, "caption": ["a", "b", "c"]}).to_parquet(tmp_path / "m.parquet")
         argv = ["--images", str(tmp_path / "m.parquet"), "--out", str(tmp_path / "out"), *HTTP]
         assert prep(*argv) == 0
+        assert "1 of them transient or refused by a rule: --retry-failed" in capsys.readouterr().out
         table = pd.read_parquet(tmp_path / "out" / "images" / "000000.parquet")
         assert table.status.tolist() == ["ok", "failed", "failed"]
         assert table.reason.tolist()[1:] == ["download_error", "not_found"]
