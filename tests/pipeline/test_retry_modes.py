@@ -140,8 +140,8 @@ def test_a_storage_error_fails_the_task_not_its_rows(synthetic, tmp_path, monkey
 
     cfg = load_config(PrepConfig, str(Path(__file__).parents[2] / "configs/prep/tiny.yaml"), [])
     good = pd.read_parquet(synthetic / "good_images.parquet")[:2]
-    plan = ShardPlan(kind="images", index=0, first_row=0, sources=list(good.image), captions=list(good.caption),
-                     roots=(str(synthetic),))
+    plan = ShardPlan(kind="images", index=0, first_row=0, sources=list(good.image),
+                     captions=list(good.caption), roots=(str(synthetic),))
     real, failures = OutputStore.publish, []
 
     def publish_once_broken(self, tmp, final):
