@@ -164,7 +164,7 @@ class Dispatch:
         seen = SeenSources()
         for plan in ShardPlanner(manifest, self.cfg.samples_per_shard).run():
             seen.mark(plan)  # committed shards too: the first row of a source keeps its key
-            retry = plan.index in to_retry
+            retry = mode if plan.index in to_retry else False  # the task needs the mode
             if plan.index in committed and not retry:
                 stats.skipped.append(plan.index)
                 bar.update(1)
@@ -172,7 +172,7 @@ class Dispatch:
             settle(self.workers - 1)
             if self.lease is not None:
                 self.lease.check()
-            pending[remote.remote(self.task_ref, plan, mode if retry else False, plan.index)] = plan.index
+            pending[remote.remote(self.task_ref, plan, retry, plan.index)] = plan.index
         settle(0)
         bar.close()
         stats.seconds = time.perf_counter() - start
