@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "prep" / "tiny.yaml")
@@ -171,11 +172,11 @@ def tar_bytes(out: Path) -> dict[str, bytes]:
 
 def status_tables(out: Path) -> dict[str, list]:
     """Status parquet contents per shard (the bytes may differ only in parquet metadata). Read
-    with pyarrow: nulls stay None (pandas makes a null float NaN, and NaN != NaN)."""
-    import pyarrow.parquet as pq
-
-    files = sorted(out.glob("*/*.parquet"))
-    return {f"{p.parent.name}/{p.name}": pq.read_table(p).to_pylist() for p in files}
+    with pyarrow, not pandas: a null float column becomes NaN in pandas, and NaN != NaN."""
+    return {
+        f"{p.parent.name}/{p.name}": pq.read_table(p).to_pylist()
+        for p in sorted(out.glob("*/*.parquet"))
+    }
 
 
 def committed(out: Path) -> list[Path]:
