@@ -31,7 +31,10 @@ Result = tuple
 class RowClips:
     """The clips of one manifest row and their results (None until settled)."""
 
-    def __init__(self, source: str, clips: list[Clip], kept_keys: set[str] = frozenset()):
+    def __init__(self, source: str, clips: list[Clip], kept_keys: set[str] = frozenset(),
+                 kept_failed: dict[str, Result] | None = None):
+        """`kept_keys` / `kept_failed`: --retry-failed's committed ok clips and the failures its
+        mode does not redo, by key."""
         self.source = source
         self.clips = clips
         self.keys = [sample_key(source, c.span) for c in clips]
@@ -46,6 +49,8 @@ class RowClips:
                 self.results[j] = ("failed", "bad_span", f"{where} has start >= end")
             elif key in kept_keys:  # --retry-failed: committed ok clip, copied from the old tar
                 self.results[j] = ("kept", key)
+            elif kept_failed and key in kept_failed:  # a failure this retry mode keeps as it is
+                self.results[j] = kept_failed[key]
             first.setdefault(key, j)
 
     def pending(self) -> list[int]:

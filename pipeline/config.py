@@ -222,7 +222,13 @@ class HttpConfig:
     backoff_s: float = 0.5  # first retry delay; doubles per attempt, with +-50% jitter
     max_backoff_s: float = 30.0
     max_concurrency: int = 16  # downloads in flight per shard task (also the prefetch window)
-    max_bytes: int = 1 << 30  # larger media fail with `download_error` instead of filling RAM
+    max_bytes: int = 1 << 30  # larger media fail with `too_large`
+    # Bytes of remote media one shard task holds in RAM (downloading or waiting to be decoded);
+    # bodies over spill_bytes, or past the budget, stream to a temp file under spill_dir ("" =
+    # the system temp folder) that the decoder opens by path (pipeline/prefetch.py).
+    prefetch_bytes: int = 256 << 20
+    spill_bytes: int = 32 << 20
+    spill_dir: str = ""
     user_agent: str = "higen-prep/0.1 (+https://github.com/higen)"
     # X-Robots-Tag lines addressed to this token (`higen-prep: noai`) apply to us.
     user_agent_token: str = "higen-prep"
@@ -244,7 +250,8 @@ class HttpConfig:
                 name,
                 f"must be > 0 seconds, got {value!r}",
             )
-        for name, low in (("retries", 0), ("max_concurrency", 1), ("max_bytes", 1), ("max_redirects", 0)):
+        for name, low in (("retries", 0), ("max_concurrency", 1), ("max_bytes", 1), ("max_redirects", 0),
+                          ("prefetch_bytes", 1), ("spill_bytes", 0)):
             value = getattr(self, name)
             check(
                 isinstance(value, int) and not isinstance(value, bool) and value >= low,
@@ -265,6 +272,10 @@ class HttpConfig:
                 except ValueError as exc:
                     check(False, name, str(exc))
         check_strings(self.disallowed_header_directives, "disallowed_header_directives", "directives")
+        check(self.spill_bytes <= self.prefetch_bytes, "spill_bytes",
+              f"must be <= http.prefetch_bytes={self.prefetch_bytes} (a file kept in RAM must fit the "
+              f"budget), got {self.spill_bytes}")
+        check(isinstance(self.spill_dir, str), "spill_dir", "must be a local folder path or ''")
 
 
 @dataclass

@@ -52,8 +52,8 @@ class EncoderActor:
         ready = self._with_pixels(batch)
         good = [d for d in ready if not isinstance(d.pixels, SampleError)]
         encoded = iter(encode_results(self.encoder, good, size) if good else [])
-        return [("failed", d.pixels.reason, d.pixels.detail) if isinstance(d.pixels, SampleError)
-                else next(encoded) for d in ready]
+        failed = lambda e: ("failed", e.reason, e.detail, e.meta)  # noqa: E731
+        return [failed(d.pixels) if isinstance(d.pixels, SampleError) else next(encoded) for d in ready]
 
     async def encode(self, batch: list, size: int) -> list[Result]:
         return await asyncio.to_thread(self.encode_sync, batch, size)

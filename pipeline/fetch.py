@@ -3,7 +3,8 @@
 Local files are not read here: the `Decoder` opens the path itself (the video decoder child
 reads it directly, no bytes through a pipe). Remote media are downloaded by a small thread
 pool per shard task (`http.max_concurrency`), ahead of decoding and in manifest order, so
-decoding waits on the network only when the network is the bottleneck.
+decoding waits on the network only when the network is the bottleneck; within a byte budget
+(`http.prefetch_bytes`), large files going to local temp files (`pipeline/prefetch.py`).
 
 HTTP is spoken by `http.client` on sockets this module opens itself (docs/untrusted.md): the
 host is resolved once per hop, each address is checked against `http.blocked_networks` before
@@ -12,10 +13,15 @@ a DNS answer that changes between check and connect (rebinding) cannot reach an 
 host. Redirects are followed here, hop by hop, under the same rules. Environment proxies are
 not used for media: a proxy would resolve names itself and the check would mean nothing.
 
-HTTP failures are classified once, here:
-- 404, 403, 410 and other 4xx: permanent, no retry              -> `download_error`
+HTTP failures are classified once, here (`core.shards.TRANSIENT_REASONS` says which codes a
+plain `--retry-failed` redoes):
+- 404, 410: permanent, no retry                                  -> `not_found`
+- 403 and other 4xx, a TLS certificate, a bad URL, a redirect
+  loop: permanent, no retry                                      -> `http_error`
+- a body over `http.max_bytes`: permanent                        -> `too_large`
 - 5xx, 408, 429, connection resets: retried with exponential
   backoff and +-50% jitter (`http.backoff_s`, doubling, capped) -> `download_error` if all fail
+  (transient)
 - an attempt longer than `http.timeout_s` in all (connect, headers
   and body together: a body dripping a byte at a time too): retried -> `timeout` if all fail
 - an internal address (any hop)                                  -> `blocked_address`, no retry
@@ -32,9 +38,7 @@ import socket
 import ssl
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 from http.client import HTTPException
 from typing import Any
@@ -42,6 +46,7 @@ from urllib.parse import quote, urljoin, urlsplit
 
 from core.shard_format import SampleError
 from pipeline.config import HttpConfig
+from pipeline.prefetch import Body, Prefetch, Spilled
 from pipeline.storage import url_to_fs
 from pipeline.untrusted import (
     DEFAULT_REDACT_PARAMS,
@@ -55,10 +60,11 @@ from pipeline.wds_input import MemberRef, read_member
 
 RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 REDIRECT_STATUS = {301, 302, 303, 307, 308}
+NOT_FOUND_STATUS = {404, 410}
 CHUNK = 1 << 20
 URL_SAFE = "/%:@!$&'()*+,;=-._~?"  # left as they are when quoting a request target
 
-Fetched = tuple[bytes | None, SampleError | None]
+Fetched = tuple[bytes | bytearray | Spilled | None, SampleError | None]
 
 
 def is_remote(source: str) -> bool:
@@ -194,31 +200,47 @@ class Fetcher:
             AddressPolicy.from_config(http.blocked_networks, http.allowed_networks)
         )
         self._fs: dict[str, Any] = {}
+        self.prefetcher: Prefetch | None = None  # the last `prefetch` (its budget's peak, spills)
 
     def shown(self, url: str) -> str:
         return redact_url(url, self.redact_params)
 
-    def fetch(self, source: str | MemberRef) -> bytes | None:
-        if isinstance(source, MemberRef):  # a tar input's media member (pipeline/wds_input.py)
-            return read_member(source, self._filesystem, self.http.max_bytes, self._http)
+    def fetch(self, source: str | MemberRef, body: Body | None = None) -> bytes | bytearray | Spilled | None:
+        """The bytes of a remote `source` (None for a local path). With `body`, they go there
+        (RAM within its budget, or a temp file) and its `result()` is returned. A tar input's
+        media member (`MemberRef`, pipeline/wds_input.py) is read whole: at most http.max_bytes."""
+        if isinstance(source, MemberRef):
+            return read_member(source, self._filesystem, self.http.max_bytes, self._http_range)
         if not is_remote(source):
             return None
+        body = body if body is not None else Body()
         if source.startswith(("http://", "https://")):
-            return self._http(source)
-        return self._fsspec(source)
+            self._http(source, body)
+        else:
+            self._fsspec(source, body)
+        return body.result()
 
-    def _fsspec(self, url: str) -> bytes:
+    def _fsspec(self, url: str, body: Body) -> None:
         shown = self.shown(url)
         try:
             fs = self._filesystem(url)
             size = fs.size(url)
             if size is not None and size > self.http.max_bytes:
                 raise SampleError(
-                    "download_error", f"{shown}: {size} bytes is over http.max_bytes={self.http.max_bytes}"
+                    "too_large", f"{shown}: {size} bytes is over http.max_bytes={self.http.max_bytes}"
                 )
-            return fs.cat_file(url)
+            body.start(size)
+            if body.path is None:
+                body.write(fs.cat_file(url))
+                return
+            with fs.open(url, "rb") as fh:  # over http.spill_bytes: streamed to the temp file
+                while chunk := fh.read(CHUNK):
+                    body.write(chunk)
         except FileNotFoundError:
             raise SampleError("missing_file", f"{shown}: no such object (check the manifest URL)") from None
+        except PermissionError as exc:  # s3fs: AccessDenied; asking again will not help
+            detail = redact_text(f"{type(exc).__name__}: {exc}", self.redact_params)
+            raise SampleError("http_error", f"{shown}: access denied: {detail}") from None
         except SampleError:
             raise
         except Exception as exc:  # noqa: BLE001 - any storage failure is this sample's failure
@@ -231,9 +253,14 @@ class Fetcher:
             self._fs[protocol] = url_to_fs(url, self.options)[0]
         return self._fs[protocol]
 
-    def _http(self, url: str, byte_range: tuple[int, int] | None = None) -> bytes:
-        """The body of `url`, or with `byte_range` (start, size) just those bytes (a tar input's
-        media member: an HTTP Range request, under the same address checks and deadline)."""
+    def _http_range(self, url: str, byte_range: tuple[int, int]) -> bytes:
+        """Just bytes (start, size) of `url`: an HTTP Range request under the same address checks,
+        deadline and retries (a tar input's media member)."""
+        body = Body()
+        self._http(url, body, byte_range)
+        return bytes(body.result())
+
+    def _http(self, url: str, body: Body, byte_range: tuple[int, int] | None = None) -> None:
         shown = self.shown(url)
         attempts = self.http.retries + 1
         last_reason, last_detail = "download_error", ""
@@ -241,25 +268,27 @@ class Fetcher:
             if attempt:
                 delay = min(self.http.max_backoff_s, self.http.backoff_s * 2 ** (attempt - 1))
                 time.sleep(delay * random.uniform(0.5, 1.5))
+            body.reset()
             try:
-                return self._http_once(url, byte_range)
+                return self._http_once(url, body, byte_range)
             except HTTPStatusError as exc:
                 last_reason, last_detail = "download_error", str(exc)
                 if exc.code not in RETRY_STATUS:
-                    raise SampleError("download_error", f"{shown}: {last_detail} (not retried)") from None
+                    reason = "not_found" if exc.code in NOT_FOUND_STATUS else "http_error"
+                    raise SampleError(reason, f"{shown}: {last_detail} (not retried)") from None
             except TimeoutError:
                 last_reason = "timeout"
                 last_detail = f"download took over http.timeout_s={self.http.timeout_s:g}s"
             except ssl.SSLCertVerificationError as exc:
                 raise SampleError(
-                    "download_error", f"{shown}: TLS certificate: {exc.verify_message}"
+                    "http_error", f"{shown}: TLS certificate: {exc.verify_message}"
                 ) from None
             except (HTTPException, ConnectionError, OSError) as exc:
                 last_reason, last_detail = "download_error", f"{type(exc).__name__}: {exc}"
         detail = redact_text(last_detail, self.redact_params)
         raise SampleError(last_reason, f"{shown}: {detail} (after {attempts} attempts)")
 
-    def _http_once(self, url: str, byte_range: tuple[int, int] | None = None) -> bytes:
+    def _http_once(self, url: str, body: Body, byte_range: tuple[int, int] | None = None) -> None:
         """One attempt: every hop of the redirect chain and the body, within one Deadline."""
         deadline = Deadline(self.http.timeout_s)
         first = url
@@ -275,13 +304,13 @@ class Fetcher:
                         raise HTTPStatusError(response.status, response.reason)
                     self._check_opt_out(url, response)
                     if byte_range is not None and response.status != 206:  # would send the whole tar
-                        raise SampleError("download_error", f"{self.shown(url)}: Range request not served")
-                    return self._read_body(url, response, deadline)
+                        raise SampleError("http_error", f"{self.shown(url)}: Range request not served")
+                    return self._read_body(url, response, deadline, body)
                 finally:  # the response holds the socket open until it is closed itself
                     response.close()
                     conn.close()
             raise SampleError(
-                "download_error", f"{self.shown(url)}: more than http.max_redirects={self.http.max_redirects}"
+                "http_error", f"{self.shown(url)}: more than http.max_redirects={self.http.max_redirects}"
             )
         except SampleError as exc:
             if url == first:
@@ -302,9 +331,9 @@ class Fetcher:
             if not host.isascii():
                 host = host.encode("idna").decode("ascii")
         except (ValueError, UnicodeError) as exc:
-            raise SampleError("download_error", f"{self.shown(url)}: not a valid URL ({exc})") from None
+            raise SampleError("http_error", f"{self.shown(url)}: not a valid URL ({exc})") from None
         if not host:
-            raise SampleError("download_error", f"{self.shown(url)}: the URL has no host")
+            raise SampleError("http_error", f"{self.shown(url)}: the URL has no host")
         cls = GuardedHTTPSConnection if parts.scheme == "https" else GuardedHTTPConnection
         conn = cls(host, port, self.connector, deadline, self.shown(url))
         target = quote(parts.path or "/", safe=URL_SAFE) + (
@@ -341,49 +370,36 @@ class Fetcher:
                 "(http.disallowed_header_directives)",
             )
 
-    def _read_body(self, url: str, response: http.client.HTTPResponse, deadline: Deadline) -> bytes:
+    def _read_body(
+        self, url: str, response: http.client.HTTPResponse, deadline: Deadline, body: Body
+    ) -> None:
         if response.length is not None and response.length > self.http.max_bytes:  # before reading
             raise SampleError(
-                "download_error",
+                "too_large",
                 f"{self.shown(url)}: {response.length} bytes is over http.max_bytes={self.http.max_bytes}",
             )
-        chunks, size = [], 0
+        size = 0
+        body.start(response.length)
         while chunk := response.read(CHUNK):
             size += len(chunk)
             if size > self.http.max_bytes:
                 raise SampleError(
-                    "download_error", f"{self.shown(url)}: larger than http.max_bytes={self.http.max_bytes}"
+                    "too_large", f"{self.shown(url)}: larger than http.max_bytes={self.http.max_bytes}"
                 )
-            chunks.append(chunk)
+            body.write(chunk)
             deadline.remaining()
         deadline.remaining()  # a watchdog shutdown reads as the end of the body
         if response.length:  # the server hung up before Content-Length bytes
             raise http.client.IncompleteRead(b"", response.length)
-        return b"".join(chunks)
 
-    def safe_fetch(self, source: str | MemberRef | None) -> Fetched:
-        if source is None:
-            return None, None
-        try:
-            return self.fetch(source), None
-        except SampleError as exc:
-            return None, exc
+    def needs_fetch(self, source: str | MemberRef | None) -> bool:
+        """Whether `prefetch` downloads `source` (remote, or a tar member); None and local paths
+        pass through."""
+        return isinstance(source, MemberRef) or (source is not None and is_remote(source))
 
     def prefetch(self, sources: Iterable[str | MemberRef | None]) -> Iterator[Fetched]:
-        """Fetch results in input order, with up to `max_concurrency` downloads running ahead.
-
-        A None source is passed through untouched (rows that need no fetch)."""
-        window = self.http.max_concurrency
-        with ThreadPoolExecutor(window, thread_name_prefix="fetch") as pool:
-            pending: deque[Future | Fetched] = deque()
-            for source in sources:
-                if isinstance(source, MemberRef) or (source is not None and is_remote(source)):
-                    pending.append(pool.submit(self.safe_fetch, source))
-                else:
-                    pending.append((None, None))
-                while len(pending) > window or (pending and not isinstance(pending[0], Future)):
-                    head = pending.popleft()
-                    yield head.result() if isinstance(head, Future) else head
-            while pending:
-                head = pending.popleft()
-                yield head.result() if isinstance(head, Future) else head
+        """Fetch results in input order, up to `max_concurrency` downloads ahead, within
+        `http.prefetch_bytes` (pipeline/prefetch.py). A None source is passed through untouched."""
+        http = self.http
+        self.prefetcher = Prefetch(self, http.prefetch_bytes, http.spill_bytes, http.spill_dir)
+        return self.prefetcher.run(sources)

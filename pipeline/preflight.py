@@ -16,6 +16,7 @@ from pipeline.lease import Lease
 from pipeline.manifest import Manifest
 from pipeline.plan import cut
 from pipeline.resume import FileCheck, compare
+from pipeline.retry import retry_mode
 from pipeline.storage import KINDS, OutputStore
 from pipeline.untrusted import redact_url
 
@@ -30,8 +31,14 @@ class JobArgs:
     videos: str | None = None
     images: str | None = None
     overwrite: bool = False
-    retry_failed: bool = False
+    retry_failed: bool | str = False  # False, "transient" (True means it too) or "all"
     dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            self.retry_failed = retry_mode(self.retry_failed) or False
+        except ValueError as exc:
+            raise JobError(str(exc)) from None
 
     def manifests(self) -> dict[str, str | None]:
         return {"videos": self.videos, "images": self.images}

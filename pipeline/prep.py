@@ -1,7 +1,7 @@
 """`python -m pipeline.prep`: manifests -> WebDataset shards (docs/shard-format.md) on a Ray cluster.
 
     python -m pipeline.prep --videos MANIFEST --images MANIFEST --out OUT \\
-        [--config configs/prep/tiny.yaml] [--samples-per-shard N] [--overwrite] [--retry-failed] \\
+        [--config configs/prep/tiny.yaml] [--samples-per-shard N] [--overwrite] [--retry-failed[=all]] \\
         [section.field=value ...]
 
 With RAY_ADDRESS set (as `ray job submit` does) it joins that cluster, otherwise it starts a
@@ -18,6 +18,7 @@ from core.config import ConfigError, load_config
 from pipeline.config import PrepConfig
 from pipeline.lease import LeaseError
 from pipeline.manifest import ManifestError
+from pipeline.retry import RETRY_MODES
 from pipeline.runner import JobArgs, JobError, PrepJob
 from pipeline.storage import OutputError
 from pipeline.untrusted import DEFAULT_REDACT_PARAMS, redact_text
@@ -42,12 +43,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--overwrite", action="store_true", help="delete existing shards under OUT and start again"
     )
     parser.add_argument(
-        "--retry-failed", action="store_true", help="also redo the failed rows of committed shards"
+        "--retry-failed", choices=RETRY_MODES, default=None,
+        help="also redo failed rows of committed shards: transient failures (timeouts, 5xx, encode "
+        "and internal errors, refusals by a rule since widened) with no value or =transient; every "
+        "failure (404, decode errors, too short...) with =all",
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="print the plan (files, rows, shards, to do) and exit"
     )
     parser.add_argument("overrides", nargs="*", help="config overrides: section.field=value")
+    # A bare --retry-failed means =transient. Spelt out here, so that argparse never takes the
+    # next word (a section.field=value override) for its value.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = ["--retry-failed=transient" if a == "--retry-failed" else a for a in argv]
     return parser.parse_intermixed_args(argv)
 
 
@@ -63,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             videos=args.videos,
             images=args.images,
             overwrite=args.overwrite,
-            retry_failed=args.retry_failed,
+            retry_failed=args.retry_failed or False,
             dry_run=args.dry_run,
         )
         if args.dry_run:

@@ -39,6 +39,7 @@ from pipeline.placement import actor_env, check_decoder, check_devices, local_mo
 from pipeline.plan import ShardPlanner
 from pipeline.plan_convert import prune_plan
 from pipeline.preflight import JobArgs, JobError, Preflight, Ready  # noqa: F401  (public names)
+from pipeline.retry import TransientTaskError, retry_mode, shards_to_retry
 from pipeline.shard import ShardTask
 from pipeline.statistics import FactorStats
 from pipeline.storage import KINDS, OutputStore, json_bytes
@@ -135,10 +136,13 @@ class Dispatch:
         kind = manifest.kind
         committed = self.store.committed(kind)  # the one listing of this kind's folder
         to_retry: set[int] = set()
-        if self.retry_failed and committed:
+        mode = retry_mode(self.retry_failed)  # pipeline/retry.py: which failures are redone
+        if mode and committed:
             old = self.store.read_jsons([self.store.shard_path(kind, i, "json") for i in sorted(committed)])
-            to_retry = {int(s["shard"]) for s in old.values() if s.get("failed")}
-        remote = ray.remote(_run_shard).options(num_cpus=self.cfg.execution.cpus_per_worker, max_retries=2)
+            to_retry = shards_to_retry(old.values(), mode)
+        # A task that failed outside its rows (actor death, storage) is retried whole.
+        remote = ray.remote(_run_shard).options(num_cpus=self.cfg.execution.cpus_per_worker, max_retries=2,
+                                                retry_exceptions=[TransientTaskError])
         rows = manifest.count_rows()
         total = -(-rows // self.cfg.samples_per_shard) if rows is not None else None
         bar = tqdm(
@@ -166,7 +170,7 @@ class Dispatch:
 
         dups = self._duplicates(manifest, total or 0, committed, to_retry)
         for plan in ShardPlanner(manifest, self.cfg.samples_per_shard).run():
-            retry = plan.index in to_retry
+            retry = mode if plan.index in to_retry else False  # the task needs the mode
             if plan.index in committed and not retry:
                 stats.skipped.append(plan.index)
                 bar.update(1)

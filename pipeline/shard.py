@@ -13,8 +13,9 @@ neighbour failed.
 Duplicates are found before any work: the first row with a given source keeps the key, later
 ones fail with reason `duplicate`; the dedupe pass (pipeline/dedupe.py) marks repeats of a source
 first seen in an earlier shard (`ShardPlan.duplicate_of`), so a key appears once per dataset.
-Any exception from one sample becomes that row's failure; only storage errors (the shard
-cannot be written) fail the task.
+Any exception from one sample becomes that row's failure; only what is no row's fault fails
+the task, as `TransientTaskError` (a storage error, an encoder actor that died;
+pipeline/retry.py), which Ray retries whole.
 
 Untrusted rows (docs/untrusted.md): each source passes `SourcePolicy.check` (protocol, and a
 local path's realpath inside the manifest's roots) before any byte is read; a local file is
@@ -37,7 +38,10 @@ from pipeline.encode_clients import ActorEncode, LocalEncode, Result
 from pipeline.fetch import Fetcher, is_remote
 from pipeline.filters import ShardFilters
 from pipeline.plan import ShardPlan
+from pipeline.prefetch import Spilled
+from pipeline.retry import TransientTaskError, kept_failure, redone, retry_mode
 from pipeline.splitting import make_splitter, split_rows
+from pipeline.status_fields import failed_fields, ok_fields
 from pipeline.storage import OutputStore
 from pipeline.untrusted import SourcePolicy, redact_text
 from pipeline.wds_input import TarRows
@@ -134,15 +138,16 @@ class RowFlow:
         if res[0] == "kept":
             for old_key, members in self.old_samples:
                 if old_key == key:
-                    writer.add_ok(key, source, caption, members, **fields)
+                    writer.add_ok(key, source, caption, members, **fields, **ok_fields(members))
                     return
             raise RuntimeError(
                 f"{plan.kind}/{plan.index:06d}: sample {key} is in the status table but not the tar"
             )
         if res[0] == "ok":
-            writer.add_ok(res[1], source, caption, res[2], **fields)
+            writer.add_ok(res[1], source, caption, res[2], **fields, **ok_fields(res[2]))
         else:
-            writer.add_failed(key, source, caption, res[1], redact_text(res[2], self.redact_params), **fields)
+            writer.add_failed(key, source, caption, res[1], redact_text(res[2], self.redact_params),
+                              **fields, **failed_fields(res))
 
     def drain(self) -> None:
         if self.batch:
@@ -211,10 +216,12 @@ class ShardTask:
         return None
 
     def _triage(
-        self, plan: ShardPlan, kept_keys: set[str]
+        self, plan: ShardPlan, kept_keys: set[str], kept_failed: dict[str, Result] | None = None
     ) -> tuple[list[str], dict[int, Result], dict[int, RowClips]]:
         """Keys of every row, the rows settled before any work (empty, forbidden, duplicate,
-        kept, spans that do not parse), and the clips of rows with spans."""
+        kept: ok, or a failure this --retry-failed mode does not redo; spans that do not parse),
+        and the clips of rows with spans."""
+        kept_failed = kept_failed or {}
         keys, settled, first_row, clips = [], {}, {}, {}
         policy = self._policy(plan)
         tar_rows = TarRows(plan)
@@ -238,22 +245,25 @@ class ShardTask:
             elif failure is None:
                 first_row[ident] = row
             if plan.clips.has_spans:
-                self._expand(plan, pos, source, kept_keys, settled, clips, failure)
+                self._expand(plan, pos, source, (kept_keys, kept_failed), settled, clips, failure)
             elif failure is not None:
                 settled[pos] = failure
             elif key in kept_keys:
                 settled[pos] = ("kept", key)
+            elif key in kept_failed:
+                settled[pos] = kept_failed[key]
         return keys, settled, clips
 
     @staticmethod
-    def _expand(plan: ShardPlan, pos: int, source: str, kept_keys: set[str], settled: dict[int, Result],
-                clips: dict[int, RowClips], failure: Result | None) -> None:
+    def _expand(plan: ShardPlan, pos: int, source: str, kept: tuple[set[str], dict[str, Result]],
+                settled: dict[int, Result], clips: dict[int, RowClips], failure: Result | None) -> None:
         """Row `pos` as clips (pipeline/clips.py), or its whole-row failure. A row failing as a
         whole (`failure`: forbidden, duplicate) still gets one status row per clip when its
-        spans parse, so the status table counts clips."""
+        spans parse, so the status table counts clips. `kept`: --retry-failed's ok keys and
+        the failures it does not redo, by key."""
         try:
             spans = plan.clips.clips(plan.columns, pos, plan.first_row + pos, plan.captions[pos])
-            row_clips = RowClips(source, spans, kept_keys if failure is None else set())
+            row_clips = RowClips(source, spans, *(kept if failure is None else (set(), {})))
         except RowError as exc:
             settled[pos] = failure or ("failed", exc.reason, f"{source}: {exc.detail}")
             return
@@ -263,8 +273,9 @@ class ShardTask:
         if row_clips.done():
             settled[pos] = ("clips",)
 
-    def _kept(self, plan: ShardPlan) -> set[str]:
-        """`--retry-failed`: keys of the committed shard's ok rows (checked against the plan)."""
+    def _kept(self, plan: ShardPlan, mode: str | None = "all") -> tuple[set[str], dict[int, Result]]:
+        """`--retry-failed`: keys of the committed shard's ok rows (checked against the plan), and
+        its failures that `mode` does not redo, by position (pipeline/retry.py)."""
         rows = read_status(self.store, plan.kind, plan.index)
         if any(r.get("row") is None for r in rows):  # written before the `row` column existed
             changed = len(rows) != len(plan.sources) or any(
@@ -278,16 +289,31 @@ class ShardTask:
                 f"{plan.kind}/{plan.index:06d}: the committed shard does not match the manifest rows; "
                 "the manifest changed since it was written: rerun with --overwrite"
             )
-        return {r["key"] for r in rows if r["status"] == "ok"}
+        # By key: with clip spans a row has several status rows (rows without a key are settled
+        # again by `_triage` itself).
+        failed = {r["key"]: kept_failure(r) for r in rows
+                  if r["status"] != "ok" and r["key"] and not redone(r["reason"], mode)}
+        return {r["key"] for r in rows if r["status"] == "ok"}, failed
 
-    def run(self, plan: ShardPlan, retry: bool = False, task_offset: int = 0) -> dict[str, Any]:
+    def run(self, plan: ShardPlan, retry: bool | str = False, task_offset: int = 0) -> dict[str, Any]:
+        """`retry`: False, or the `--retry-failed` mode ("transient", "all"; True = "transient").
+        Raises `TransientTaskError` when the shard fails outside its rows (Ray retries it)."""
+        try:
+            return self._run(plan, retry_mode(retry), task_offset)
+        except OSError as exc:  # the output store (or its network) failed, not a row
+            raise TransientTaskError(
+                f"{plan.kind}/{plan.index:06d}: storage error: {type(exc).__name__}: {str(exc)[:300]}"
+            ) from exc
+
+    def _run(self, plan: ShardPlan, mode: str | None, task_offset: int) -> dict[str, Any]:
         start = time.perf_counter()
         keep_heap_pages()
         plan.materialize()  # the driver sent a description: read this shard's rows (pipeline/plan.py)
         kind = "video" if plan.kind == "videos" else "image"
-        kept_keys = self._kept(plan) if retry else set()
+        retry = mode is not None
+        kept_keys, kept_failed = self._kept(plan, mode) if retry else (set(), {})
         splitter = make_splitter(self.cfg, self.store, plan, retry)  # video.split (pipeline/splitting.py)
-        keys, settled, clips = self._triage(plan, kept_keys)
+        keys, settled, clips = self._triage(plan, kept_keys, kept_failed)
         filters = ShardFilters(self.cfg, plan.columns)
         for pos, res in filters.rejected(plan).items():  # manifest.filter: `filtered`, before any work
             settled[pos] = res
@@ -328,7 +354,7 @@ class ShardTask:
                         flow.fail_row(pos, refused)
                     flow.flush()
                     continue
-                rows = split_rows(splitter, flow, clips, plan, source, data, rows, kept_keys)
+                rows = split_rows(splitter, flow, clips, plan, source, data, rows, (kept_keys, kept_failed))
                 work = [((pos, j), clips[pos].clips[j].span, clips[pos].clips[j].caption)
                         if pos in clips else (pos, None, plan.captions[pos])
                         for pos in rows for j in (clips[pos].pending() if pos in clips else [None])]
@@ -356,6 +382,7 @@ class ShardTask:
                     retried=retry,
                     video_opens=getattr(decoder, "video_opens", 0) - opens,  # one per video, not per clip
                     **plan.commit_fields(),  # (file, row range) pieces + sources digest: resume verifies
+                    fetch=_fetch_stats(fetcher),
                 )
             )
         except BaseException:
@@ -363,14 +390,23 @@ class ShardTask:
             raise
 
     @staticmethod
-    def _decode(decoder: Any, kind: str, source: str, caption: Any, data: bytes | None,
+    def _decode(decoder: Any, kind: str, source: str, caption: Any, data: bytes | bytearray | Spilled | None,
                 span: tuple[float, float] | None = None, keep_open: bool = False):
         try:
-            if span is None and not keep_open:
-                return decoder.decode(kind, source, caption, data=data)
-            return decoder.decode(kind, source, caption, data=data, span=span, keep_open=keep_open)
+            clip = {} if span is None and not keep_open else dict(span=span, keep_open=keep_open)
+            if isinstance(data, Spilled):  # a large download: the decoder opens its temp file
+                return decoder.decode(kind, source, caption, path=data.path, **clip)
+            return decoder.decode(kind, source, caption, data=data, **clip)
         except SampleError as exc:
-            return ("failed", exc.reason, exc.detail)
+            return ("failed", exc.reason, exc.detail, exc.meta)
         except Exception as exc:  # a bug on one odd file must not kill the shard
             last = traceback.format_exc().strip().splitlines()[-1]
             return ("failed", "internal_error", f"{source}: {type(exc).__name__}: {last[:300]}")
+
+
+def _fetch_stats(fetcher: Fetcher) -> dict[str, int]:
+    """The shard's downloads against `http.prefetch_bytes` (pipeline/prefetch.py)."""
+    prefetch = fetcher.prefetcher
+    if prefetch is None:
+        return {}
+    return dict(peak_bytes=prefetch.budget.peak, spilled=prefetch.spilled)

@@ -20,6 +20,7 @@ from core.shard_format import SampleError
 from pipeline.clip_rows import RowClips
 from pipeline.clips import RowError, row_clips
 from pipeline.config import PrepConfig
+from pipeline.prefetch import Spilled
 from pipeline.worker_cache import WORKER_CACHE
 from preprocessing.scenes import Split, split_spans
 
@@ -55,8 +56,10 @@ class RowSplitter:
         key = (repr(self.video), self.threads)
         return WORKER_CACHE.get("scene_scanner", key, lambda: SceneScanner(self.video, self.threads))
 
-    def split(self, pos: int, source: str, data: bytes | None) -> Split:
+    def split(self, pos: int, source: str, data: bytes | Spilled | None) -> Split:
         """The spans of row `pos` (recorded ones on a retry); SampleError from the scan."""
+        if isinstance(data, Spilled):  # a large download kept on disk: the scan child opens it
+            source, data = data.path, None
         if data is None:  # the scan child opens the path itself: say plainly when it is missing
             from preprocessing.process import check_local
 
@@ -67,13 +70,13 @@ class RowSplitter:
                          short=[s for s in spans if s[1] - s[0] < v.min_clip_s - 1e-9])
         return self._scanner().split(source, data)
 
-    def row(self, pos: int, row: int, source: str, data: bytes | None, caption: Any,
-            kept_keys: set[str]) -> RowClips | tuple:
+    def row(self, pos: int, row: int, source: str, data: bytes | Spilled | None, caption: Any,
+            kept: tuple[set[str], dict[str, Any]]) -> RowClips | tuple:
         """Row `pos` as clips (short pieces already failed `too_short`), or its failure."""
         try:
             split = self.split(pos, source, data)
             spans = sorted(split.spans + split.short)
-            clips = RowClips(source, row_clips(spans, caption, row), kept_keys)
+            clips = RowClips(source, row_clips(spans, caption, row), *kept)
         except SampleError as exc:
             return ("failed", exc.reason, exc.detail)
         except RowError as exc:  # nothing to split: a video without a usable frame
@@ -102,9 +105,11 @@ def make_splitter(cfg: PrepConfig, store: Any, plan: Any, retry: bool) -> RowSpl
 
 
 def split_rows(splitter: RowSplitter | None, flow: Any, clips: dict[int, RowClips], plan: Any,
-               source: str, data: bytes | None, rows: list[int], kept_keys: set[str]) -> list[int]:
+               source: str, data: bytes | Spilled | None, rows: list[int],
+               kept: tuple[set[str], dict[str, Any]]) -> list[int]:
     """Split the rows of `rows` (one fetched video) that have no spans; returns the rows still
-    to decode (a row whose scan failed is settled here)."""
+    to decode (a row whose scan failed is settled here). `kept`: --retry-failed's ok keys and
+    the failures it keeps, by key."""
     if splitter is None:
         return rows
     todo = []
@@ -112,7 +117,7 @@ def split_rows(splitter: RowSplitter | None, flow: Any, clips: dict[int, RowClip
         if pos in clips:  # the manifest gave spans: they win
             todo.append(pos)
             continue
-        got = splitter.row(pos, plan.first_row + pos, source, data, plan.captions[pos], kept_keys)
+        got = splitter.row(pos, plan.first_row + pos, source, data, plan.captions[pos], kept)
         if isinstance(got, tuple):
             flow.fail_row(pos, got)
             continue

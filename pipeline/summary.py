@@ -6,6 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.retry import redone
 from pipeline.statistics import FactorStats
 from pipeline.untrusted import redact_text
 
@@ -90,6 +91,10 @@ class Summary:
                 lines.append(
                     "        failed by reason: " + ", ".join(f"{r}={n}" for r, n in tot["reasons"].items())
                 )
+                retried = sum(n for r, n in tot["reasons"].items() if redone(r, "transient"))
+                if retried:  # say which failures a rerun could still turn into samples
+                    lines.append(f"        {retried} of them transient or refused by a rule: --retry-failed "
+                                 "redoes those, --retry-failed=all every failure")
             for index, error in sorted(run.errors.items())[:5]:
                 lines.append(f"        shard {index:06d} NOT written: {error}")
         if not self.complete:

@@ -159,17 +159,20 @@ class VideoDecoderProcess:
     def decode(
         self, source: str, key: str, data: bytes | None = None, *,
         span: tuple[float, float] | None = None, keep_open: bool = False,
-        _probe_only: bool = False,
+        path: str | None = None, _probe_only: bool = False,
     ) -> tuple[np.ndarray | None, dict[str, Any]]:
         """uint8 [F,H,W,3] frames (resized + centre-cropped to W×H) and metadata; SampleError.
 
         `span` [start_s, end_s]: the frames are chosen inside it (`bad_span` when it does not
         fit the video). `keep_open`: the child keeps the video open for the next call naming
-        the same source, which then sends no bytes and opens nothing (clips of one video)."""
+        the same source, which then sends no bytes and opens nothing (clips of one video).
+        `path`: a local file holding `source`'s bytes, which the child opens (messages name
+        `source`)."""
         self.start()
         cfg = self.cfg
         req = {
-            "source": source, "key": key, "frames": cfg.frames, "width": cfg.width, "height": cfg.height,
+            "source": path or source, "key": key, "frames": cfg.frames,
+            "width": cfg.width, "height": cfg.height,
             "target_fps": cfg.target_fps, "threads": self.threads,
             "probe_only": _probe_only,
         }
@@ -204,7 +207,7 @@ class VideoDecoderProcess:
                     and self._open_source is None):
                 self._stop(kill=False)
         if isinstance(frames, SampleError):
-            raise SampleError(frames.reason, f"{source}: {frames.detail}")
+            raise SampleError(frames.reason, f"{source}: {frames.detail}", frames.meta)
         return frames, meta
 
     def _recv(self, deadline: float) -> tuple[dict, int]:
@@ -221,7 +224,7 @@ class VideoDecoderProcess:
         self._child_opens = head.get("opens", self._child_opens)
         self._open_source = head.get("open")
         if not head["ok"]:
-            return SampleError(head["reason"], head["detail"]), None
+            return SampleError(head["reason"], head["detail"], head.get("meta")), None
         if head.get("probe_only"):
             return None, head["meta"]
         n, region_h, region_w, _ = head["shape"]

@@ -109,8 +109,10 @@ class Decoder:
         allow_up_to(image.max_pixels)
 
     def decode(self, kind: str, source: str, caption: Any, data: bytes | None = None,
-               span: tuple[float, float] | None = None, keep_open: bool = False) -> Decoded:
-        """Decode `source` (a local path, or any URI when `data` holds its bytes).
+               span: tuple[float, float] | None = None, keep_open: bool = False,
+               path: str | None = None) -> Decoded:
+        """Decode `source` (a local path, or any URI when `data` holds its bytes or `path` names
+        a local file holding them: a large download kept on disk, opened by the video child).
 
         `span` [start_s, end_s]: one clip of a longer video (key `sample_key(source, span)`,
         frames inside the span, `clip` in its metadata). `keep_open`: the next call for the same
@@ -123,17 +125,20 @@ class Decoder:
         key = sample_key(source, span)
         if data is not None and not data:
             raise SampleError("empty_file", f"{source}: file is empty (0 bytes)")
+        if path is not None and (kind == "image" or self.video.decoder == "nvdec"):
+            data, path = read_local(path), None  # PIL, and the encoder actor, want the bytes
         if kind == "image":
             raw = read_local(source) if data is None else data
             pixels, meta = load_image(source, raw, self.image, self.source_filter)
             meta.update(width=self.image.width, height=self.image.height)
         else:
             if data is None:
-                check_local(source)  # the child opens the path itself: no bytes through the pipe
+                check_local(path or source)  # the child opens the path itself: no bytes through the pipe
             if self.video.decoder == "nvdec":  # probed here, isolated; decoded on the actor's GPU
                 pixels, meta = None, self._videos.probe(source, key, data, span=span)
             else:
-                pixels, meta = self._videos.decode(source, key, data, span=span, keep_open=keep_open)
+                pixels, meta = self._videos.decode(source, key, data, span=span, keep_open=keep_open,
+                                                   path=path)
                 meta["decoder"] = self._videos.backend
             meta.update(
                 frames=self.video.frames, width=self.video.width, height=self.video.height,

@@ -34,10 +34,11 @@ CHUNK_FRAMES = 4  # frames decoded and sent per message (the worker resizes one 
 
 
 class DecodeFailure(Exception):
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: str, detail: str, meta: dict[str, Any] | None = None):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+        self.meta = meta or {}  # what is known of the source (the status table's columns)
 
 
 def _source(path: str, data: bytes | None):
@@ -136,10 +137,12 @@ def open_clip(path: str, data: bytes | None, key: str, req: dict[str, Any]):
     try:
         indices, stride = select_frames(count, native_fps, req["target_fps"], req["frames"], key)
     except TooShort as exc:
+        size = probe(path, data)  # a JPEG named .mp4 is a 1-frame "video" to decord
+        known = {"original_size": [size["width"], size["height"]], "num_source_frames": n_frames,
+                 "native_fps": round(native_fps, 4)}
         if span is not None:
-            raise DecodeFailure("too_short", f"span [{span[0]:g}, {span[1]:g}] s {exc}") from None
-        probe(path, data)  # a JPEG named .mp4 is a 1-frame "video" to decord
-        raise DecodeFailure("too_short", str(exc)) from None
+            raise DecodeFailure("too_short", f"span [{span[0]:g}, {span[1]:g}] s {exc}", known) from None
+        raise DecodeFailure("too_short", str(exc), known) from None
     indices = [first + i for i in indices]
     meta = {"frame_indices": indices, "native_fps": round(native_fps, 4), "stride": stride,
             "num_source_frames": n_frames}
@@ -287,7 +290,7 @@ def _answer(sock, frames_out: wire.SharedFrames, req: dict[str, Any], data: byte
     except DecodeFailure as exc:
         if exc.reason not in _READER_STILL_GOOD:
             _OPEN.drop()
-        wire.send(sock, _head({"ok": False, "reason": exc.reason, "detail": exc.detail}))
+        wire.send(sock, _head({"ok": False, "reason": exc.reason, "detail": exc.detail, "meta": exc.meta}))
     except MemoryError:
         _OPEN.drop()
         detail = f"decoder ran out of memory (limit video.decode_memory_mb={req['memory_mb']})"

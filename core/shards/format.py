@@ -31,7 +31,10 @@ REASONS = (
     "image_bomb",
     "bad_caption",
     "duplicate",
-    "download_error",
+    "download_error",  # transient: 5xx, 429, connection errors, after http.retries
+    "not_found",  # 404 / 410: the URL names nothing
+    "http_error",  # another refused request (403, 400, TLS certificate, bad URL, redirect loop)
+    "too_large",  # over http.max_bytes
     "encode_error",
     "internal_error",
     "forbidden_path",  # untrusted manifests (docs/untrusted.md): a protocol or folder not allowed
@@ -46,6 +49,16 @@ REASONS = (
     "static",  # mean motion factor under filter.min_motion
     "scene_cut",  # one frame pair's motion over filter.max_motion_jump x the clip's median
 )
+
+# Failures that say nothing about the data: the network, a machine, our own code. Plain
+# `--retry-failed` redoes these; `--retry-failed=all` redoes every failure. (An encoder actor
+# that dies or a storage error never becomes a row failure: the shard task raises and Ray
+# retries it.)
+TRANSIENT_REASONS = frozenset({"timeout", "download_error", "encode_error", "internal_error"})
+# Refusals by the job's own rules (docs/untrusted.md): plain `--retry-failed` redoes them too,
+# since the rule may have been widened since; they cost no download when still refused.
+POLICY_REASONS = frozenset({"forbidden_path", "blocked_address", "opted_out"})
+PERMANENT_REASONS = frozenset(REASONS) - TRANSIENT_REASONS - POLICY_REASONS
 
 # The status parquet, one row per sample (a clip of a manifest row, or the row itself): name ->
 # Arrow type name. Columns past `detail` are null where unknown (a failed row has no motion).
@@ -62,7 +75,7 @@ STATUS_FIELDS = (
     ("clip_start", "float64"),  # clip span in seconds, where the row has spans
     ("clip_end", "float64"),
     ("motion_mean", "float64"),  # mean raw motion factor of the clip
-    ("appearance_factor", "float64"),  # first-to-last DINO similarity of the clip
+    ("appearance_factor", "float64"),  # γa = 1 - A[0, F-1] of the clip's DINO matrix, as KEY.json
     ("width", "int64"),  # source frame size
     ("height", "int64"),
     ("duration", "float64"),  # source duration in seconds
@@ -71,14 +84,18 @@ STATUS_COLUMNS = tuple(name for name, _ in STATUS_FIELDS)
 
 
 class SampleError(Exception):
-    """One sample failed; `reason` is a stable code from REASONS, `detail` names the file."""
+    """One sample failed; `reason` is a stable code from REASONS, `detail` names the file.
 
-    def __init__(self, reason: str, detail: str):
+    `meta`: what was learnt of the source before it failed (status columns such as `width`,
+    `height`, `duration`: a too-short video knows its length)."""
+
+    def __init__(self, reason: str, detail: str, meta: dict[str, Any] | None = None):
         if reason not in REASONS:
             raise ValueError(f"unknown reason code {reason!r}; add it to shard_format.REASONS")
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.meta = dict(meta or {})
 
 
 def shard_name(index: int) -> str:

@@ -87,7 +87,7 @@ def build_untrusted_rows(root: Path, public: HostileHTTP, internal: HostileHTTP)
             public.url("/a.png") + signed.replace("20250101T", "20250202T") + "SECRETSIG2&w=1",
             "failed:duplicate",
         ),
-        (public.url("/missing.png") + "?sv=1&sig=SECRETSAS3&se=2030", "failed:download_error"),
+        (public.url("/missing.png") + "?sv=1&sig=SECRETSAS3&se=2030", "failed:not_found"),
         (public.url("/to-b") + "?token=SECRETTOKEN4", "ok"),
         ("good2.png", "ok"),
     ]
@@ -97,7 +97,7 @@ def build_untrusted_rows(root: Path, public: HostileHTTP, internal: HostileHTTP)
     # A remote manifest gets no local roots: its local paths fail, its relative rows are URLs.
     videos = [
         (str(media / "good0.png"), "failed:forbidden_path"),
-        ("clips/absent.mp4", "failed:download_error"),
+        ("clips/absent.mp4", "failed:not_found"),
     ]
     public.route(
         "/manifests/videos.parquet",

@@ -172,7 +172,11 @@ def test_retry_failed_redoes_only_failed_rows(synthetic, prep, tmp_path):
     mtime = (out / "images" / "000000.tar").stat().st_mtime_ns
     assert prep("--images", str(tmp_path / "m.parquet"), "--out", str(out)) == 0  # plain rerun: skipped
     assert (out / "images" / "000000.tar").stat().st_mtime_ns == mtime
+    # A missing file is a permanent failure: plain --retry-failed (transient ones) keeps it as it is.
     assert prep("--images", str(tmp_path / "m.parquet"), "--out", str(out), "--retry-failed") == 0
+    assert status(out, "images").reason.tolist()[1] == "missing_file"
+    assert tar_bytes(out) == first
+    assert prep("--images", str(tmp_path / "m.parquet"), "--out", str(out), "--retry-failed=all") == 0
     assert status(out, "images").status.tolist() == ["ok"] * 4
     assert tar_bytes(out)["images/000000.tar"] != first["images/000000.tar"]
     assert prep("--images", str(tmp_path / "m.parquet"), "--out", str(tmp_path / "fresh")) == 0

@@ -118,7 +118,7 @@ def test_http_manifest_and_media_with_retries_and_timeouts(
     )
     status = pd.read_parquet(out / "images" / "000000.parquet")
     assert status.status.tolist() == ["ok", "ok", "ok", "failed", "ok", "failed"]
-    assert status.reason[3] == "download_error" and "404" in status.detail[3]
+    assert status.reason[3] == "not_found" and "404" in status.detail[3]
     assert status.reason[5] == "timeout"
     assert hits["/missing.png"] == 1 and hits["/flaky.png"] == 3 and hits["/stall.png"] == 3
     assert status.key[4] != status.key[0] and all(status.source == urls)

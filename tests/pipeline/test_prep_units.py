@@ -202,7 +202,7 @@ def test_http_fetch_retries_and_classifies(media_server):
             [f"{base}/missing.png", f"{base}/flaky.png", "/local/file.png", None, f"{base}/stall.png"]
         )
     )
-    assert results[0][1].reason == "download_error" and "404" in results[0][1].detail
+    assert results[0][1].reason == "not_found" and "404" in results[0][1].detail
     assert hits["/missing.png"] == 1  # permanent: not retried
     assert results[1][1] is None and len(results[1][0]) > 100
     assert hits["/flaky.png"] == 3  # two 503s, then the body

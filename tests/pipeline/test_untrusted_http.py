@@ -218,7 +218,7 @@ def test_fetch_messages_never_carry_the_signature(servers):
     public, _ = servers
     url = public.url("/missing.png") + "?X-Amz-Signature=topsecret&X-Amz-Credential=AKIAEXAMPLE"
     error = fail(Fetcher(http_cfg(INTERNAL_ONLY)), url)
-    assert error.reason == "download_error" and "404" in error.detail
+    assert error.reason == "not_found" and "404" in error.detail
     assert "topsecret" not in error.detail and "AKIAEXAMPLE" not in error.detail
     assert "X-Amz-Signature=REDACTED" in error.detail
 
@@ -288,13 +288,13 @@ def test_https_checks_the_certificate_and_bounds_a_dripping_body(tmp_path, monke
         monkeypatch.setattr(socket, "getaddrinfo", lambda h, *a, **k: real("127.0.0.1", *a, **k))
         assert fetcher.fetch(base.replace("127.0.0.1", "media.test") + "/a.png") == png  # SNI + name check
         wrong = fail(fetcher, base.replace("127.0.0.1", "other.test") + "/a.png")
-        assert wrong.reason == "download_error" and "certificate" in wrong.detail
+        assert wrong.reason == "http_error" and "certificate" in wrong.detail
 
 
 def test_a_declared_length_over_max_bytes_fails_before_the_body_is_read(servers):
     public, _ = servers
     public.route("/big.png", body=b"x" * 5000, drip_s=0.01)
     error = fail(Fetcher(http_cfg(INTERNAL_ONLY, "http.max_bytes=100")), public.url("/big.png"))
-    assert error.reason == "download_error" and "http.max_bytes=100" in error.detail
+    assert error.reason == "too_large" and "http.max_bytes=100" in error.detail
     public.settle("/big.png")
     assert public.completed["/big.png"] == 0
