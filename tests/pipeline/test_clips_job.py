@@ -141,8 +141,9 @@ def test_retry_failed_keeps_ok_clips(panda_run, media, prep, tmp_path):
     out, _ = panda_run
     again = tmp_path / "again"
     shutil.copytree(out, again)
+    # =all: the clips' failures (too_short, bad_span) are permanent, which plain --retry-failed keeps
     assert prep("--videos", str(media / "panda.csv"), "--out", str(again), "samples_per_shard=2",
-                "--retry-failed") == 0
+                "--retry-failed=all") == 0
     assert shard_bytes(again) == shard_bytes(out)  # the failed clips fail the same way; ok ones kept
     assert json.loads((again / "videos" / "000000.json").read_text())["retried"] is True
 
