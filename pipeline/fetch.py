@@ -34,24 +34,21 @@ from __future__ import annotations
 import base64
 import http.client
 import random
-import socket
 import ssl
-import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from functools import lru_cache
 from http.client import HTTPException
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
 from core.shard_format import SampleError
 from pipeline.config import HttpConfig
+from pipeline.http_guard import Deadline, GuardedConnector, GuardedHTTPConnection, GuardedHTTPSConnection
 from pipeline.prefetch import Body, Prefetch, Spilled
 from pipeline.storage import url_to_fs
 from pipeline.untrusted import (
     DEFAULT_REDACT_PARAMS,
     AddressPolicy,
-    blocked_message,
     opted_out,
     redact_text,
     redact_url,
@@ -75,113 +72,6 @@ class HTTPStatusError(Exception):
     def __init__(self, code: int, reason: str):
         super().__init__(f"HTTP {code} {reason}")
         self.code, self.reason = code, reason
-
-
-class Deadline:
-    """One attempt's time budget. At expiry a watchdog shuts the current socket down, which ends
-    any blocked connect/recv at once: a per-read timeout alone lets a dripping body run forever."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.end = time.monotonic() + seconds
-        self.expired = False
-        self._sock: socket.socket | None = None
-        self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def remaining(self) -> float:
-        left = self.end - time.monotonic()
-        if left <= 0 or self.expired:
-            raise TimeoutError(f"over {self.seconds:g}s")
-        return left
-
-    def watch(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._sock = sock
-            if self.expired:
-                self._shutdown(sock)
-
-    def _expire(self) -> None:
-        with self._lock:
-            self.expired = True
-            if self._sock is not None:
-                self._shutdown(self._sock)
-
-    @staticmethod
-    def _shutdown(sock: socket.socket) -> None:
-        try:  # the plain-socket shutdown: also unblocks an SSL read without touching its state
-            socket.socket.shutdown(sock, socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def cancel(self) -> None:
-        self._timer.cancel()
-
-
-class GuardedConnector:
-    """Resolves a host, refuses blocked addresses, connects to an allowed one (and re-checks the
-    peer). One resolution per hop, and the socket goes to the address that was checked."""
-
-    def __init__(self, policy: AddressPolicy):
-        self.policy = policy
-
-    def connect(self, host: str, port: int, deadline: Deadline, shown: str) -> socket.socket:
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except socket.gaierror as exc:
-            raise ConnectionError(f"cannot resolve {host}: {exc.strerror}") from None
-        refused, last_error = None, None
-        for family, kind, proto, _, sockaddr in infos:
-            network = self.policy.blocked_by(sockaddr[0])
-            if network is not None:
-                refused = refused or (sockaddr[0], network)
-                continue
-            sock = socket.socket(family, kind, proto)
-            try:
-                deadline.watch(sock)
-                sock.settimeout(deadline.remaining())
-                sock.connect(sockaddr)
-                peer = sock.getpeername()[0]
-                network = self.policy.blocked_by(peer)
-                if network is not None:
-                    raise SampleError("blocked_address", blocked_message(shown, host, peer, network))
-                return sock
-            except (OSError, SampleError) as exc:
-                sock.close()
-                if isinstance(exc, SampleError) or deadline.expired:
-                    raise
-                last_error = exc
-        if refused is not None and last_error is None:
-            raise SampleError("blocked_address", blocked_message(shown, host, *refused))
-        raise last_error or ConnectionError(f"{host} has no address")
-
-
-class GuardedHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, host: str, port: int | None, connector: GuardedConnector, deadline, shown: str):
-        super().__init__(host, port, timeout=deadline.seconds)
-        self.connector, self.deadline, self.shown = connector, deadline, shown
-
-    def connect(self) -> None:
-        self.sock = self.connector.connect(self.host, self.port, self.deadline, self.shown)
-
-
-@lru_cache(maxsize=1)
-def tls_context() -> ssl.SSLContext:
-    """One verifying context per process (loading the CA store for every download costs ms)."""
-    return ssl.create_default_context()
-
-
-class GuardedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, host: str, port: int | None, connector: GuardedConnector, deadline, shown: str):
-        super().__init__(host, port, timeout=deadline.seconds, context=tls_context())
-        self.connector, self.deadline, self.shown = connector, deadline, shown
-
-    def connect(self) -> None:
-        sock = self.connector.connect(self.host, self.port, self.deadline, self.shown)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
-        self.deadline.watch(self.sock)
 
 
 class Fetcher:

@@ -91,6 +91,7 @@ class ShardPlan:
     # More manifest columns of these rows, by name, as read (`Manifest.extra_names`): parquet
     # lists stay lists, CSV values are strings. Clip spans and `manifest.extra_columns` read here.
     columns: dict[str, list[Any]] = field(default_factory=dict)
+    column_types: dict[str, Any] = field(default_factory=dict)  # their Arrow types in the manifest
     materialized: bool = False
 
     @property
@@ -111,6 +112,7 @@ class ShardPlan:
         self.sources, self.fetch_urls = stored_sources(spec, values)
         self.captions = values[1]
         self.columns = {name: values[2 + i] for i, name in enumerate(spec.extra_names)}
+        self.column_types = {name: values.types.get(name) for name in spec.extra_names}
         if self.duplicates:
             from pipeline.dedupe import read_duplicates
 
@@ -163,9 +165,11 @@ def stored_sources(spec: ReadSpec, values: Columns) -> tuple[list[str | None], d
 
 
 class Columns(list):
-    """Column values (a list per requested column) plus, per row, its piece's `base`."""
+    """Column values (a list per requested column) plus, per row, its piece's `base`, and the
+    Arrow type of each column in the manifest (`types`, by name)."""
 
     bases: list[str]
+    types: dict[str, Any]
 
 
 def open_parquet(url: str, options: dict[str, Any]) -> pq.ParquetFile:
@@ -182,13 +186,15 @@ def read_columns(spec: ReadSpec, pieces: tuple[Piece, ...], names: tuple[str, ..
     """The values of `names` for the rows of `pieces`, in order, reading only the row groups
     that overlap each range, `spec.batch_rows` at a time."""
     out = Columns([] for _ in names)
-    out.bases = []
+    out.bases, out.types = [], {}
     for piece in pieces:
         pf = open_parquet(piece.read, spec.storage_options)
         missing = [c for c in names if c not in pf.schema_arrow.names]
         if missing:
             raise PlanError(f"manifest {piece.file} has no column {missing[0]!r} "
                             "(every file of a manifest needs the same columns)")
+        for name in names:
+            out.types.setdefault(name, pf.schema_arrow.field(name).type)
         from pipeline.plan_convert import SEALED, unseal
 
         sealed = SEALED in pf.schema_arrow.names and spec.seal_key is not None

@@ -27,15 +27,35 @@ from pipeline.storage import OutputStore, json_bytes
 STATUS_SCHEMA = pa.schema([(name, getattr(pa, type_name)()) for name, type_name in STATUS_FIELDS])
 
 
-def status_table(rows: list[dict[str, Any]]) -> pa.Table:
+def status_type(manifest_type: pa.DataType | None) -> pa.DataType | None:
+    """The status column type of a manifest extra column: its own, except for values the status
+    table holds as text (bytes as hex, dates and decimals as strings, as in KEY.json)."""
+    t = manifest_type
+    if t is None or pa.types.is_null(t):
+        return None
+    if (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
+            or pa.types.is_temporal(t) or pa.types.is_decimal(t)):
+        return pa.string()
+    return t
+
+
+def status_table(rows: list[dict[str, Any]], extra_types: dict[str, Any] | None = None) -> pa.Table:
     """The status parquet: the fixed columns typed as `STATUS_FIELDS`, then any other fields
-    the rows carry (manifest extra columns), typed by Arrow from their values."""
+    the rows carry (manifest extra columns), typed from the manifest (`extra_types`) so every
+    shard's table has one schema, even where a shard's values are all null."""
     extra = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in STATUS_SCHEMA.names]
+    extra += [k for k in (extra_types or {}) if k not in extra and k not in STATUS_SCHEMA.names]
     columns = {name: pa.array([r.get(name) for r in rows], type=STATUS_SCHEMA.field(name).type)
                for name in STATUS_SCHEMA.names}
     for name in extra:
-        columns[name] = pa.array([r.get(name) for r in rows])
+        values, wanted = [r.get(name) for r in rows], status_type((extra_types or {}).get(name))
+        try:
+            columns[name] = pa.array(values, type=wanted)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
+            columns[name] = pa.array(values)  # values the manifest type cannot hold: as they are
     return pa.table(columns)
+
+
 Members = list[tuple[str, bytes]]
 
 
@@ -52,8 +72,11 @@ def tar_info(name: str, size: int) -> tarfile.TarInfo:
 class ShardWriter:
     """Accepts rows in manifest order (`add_ok` / `add_failed`), then `commit()`s."""
 
-    def __init__(self, store: OutputStore, kind: str, index: int):
+    def __init__(self, store: OutputStore, kind: str, index: int,
+                 extra_types: dict[str, Any] | None = None):
+        """`extra_types`: the manifest's Arrow type of each `manifest.extra_columns` column."""
         self.store = store
+        self.extra_types = extra_types or {}
         self.kind = kind
         self.index = index
         self.name = shard_name(index)
@@ -99,7 +122,7 @@ class ShardWriter:
         self._tar.close()
         self._file.close()
         tar_bytes = self.store.fs.size(self.tmp_tar)
-        table = status_table(self.rows)
+        table = status_table(self.rows, self.extra_types)
         buf = io.BytesIO()
         pq.write_table(table, buf)
         tmp_parquet = self.store.tmp_path(f"{self.kind}-{self.name}.parquet")

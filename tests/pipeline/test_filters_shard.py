@@ -133,3 +133,30 @@ def test_no_extra_key_without_extra_columns(tmp_path, override):
     ShardTask(cfg, str(tmp_path / "out"), "fp").run(plan)
     assert all("extra" not in meta for meta in _samples(tmp_path / "out", "images").values())
     assert list(_status(tmp_path / "out", "images").status) == ["ok", "ok"]
+
+
+def test_extra_columns_keep_the_manifest_type_in_every_shard(tmp_path):
+    # Shard 0's similarity values are all null: its status column must still be float64 (and a
+    # binary column text), or pyarrow.dataset cannot read the shards as one table.
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    rows = []
+    for i in range(4):
+        Image.new("RGB", (64, 48), (40 * i, 80, 200)).save(tmp_path / f"img{i}.png")
+        rows.append(dict(URL=f"img{i}.png", TEXT=f"a picture {i}", similarity=None if i < 2 else 0.3 + i / 10,
+                         hash=bytes([i]) * 4))
+    table = pa.Table.from_pylist(rows, schema=pa.schema(
+        [("URL", pa.string()), ("TEXT", pa.string()), ("similarity", pa.float64()), ("hash", pa.binary())]))
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, tmp_path / "laion.parquet")
+    cfg = load_config(PrepConfig, TINY, ["manifest.extra_columns=[similarity, hash]", "samples_per_shard=2"])
+    manifest = Manifest(str(tmp_path / "laion.parquet"), "images", cfg.manifest, {})
+    for plan in ShardPlanner(manifest, cfg.samples_per_shard).run():
+        ShardTask(cfg, str(tmp_path / "out"), "fp").run(plan)
+    got = pads.dataset(tmp_path / "out" / "images", format="parquet", exclude_invalid_files=True).to_table()
+    assert got.schema.field("similarity").type == pa.float64()
+    assert got.schema.field("hash").type == pa.string()
+    assert got.column("similarity").to_pylist() == [None, None, 0.5, 0.6]
+    assert got.column("hash").to_pylist() == [(bytes([i]) * 4).hex() for i in range(4)]

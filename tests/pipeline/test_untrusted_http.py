@@ -266,11 +266,11 @@ def _tls_files(folder: Path) -> tuple[Path, Path, Path]:
 def test_https_checks_the_certificate_and_bounds_a_dripping_body(tmp_path, monkeypatch):
     import ssl
 
-    import pipeline.fetch as fetch
+    import pipeline.http_guard as http_guard
 
     ca, cert, key = _tls_files(tmp_path)
     trusted = ssl.create_default_context(cafile=str(ca))
-    monkeypatch.setattr(fetch, "tls_context", lambda: trusted)  # trust the test CA only
+    monkeypatch.setattr(http_guard, "tls_context", lambda: trusted)  # trust the test CA only
     png = png_bytes()
     with HostileHTTP("127.0.0.1") as server:
         server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
