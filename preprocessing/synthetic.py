@@ -38,8 +38,8 @@ SIZES = [(640, 360), (320, 240), (240, 320), (480, 270), (352, 288)]
 # words -> speed in pixels per second of video (the caption names the word)
 SPEEDS = {"still": 0.0, "slowly": 20.0, "steadily": 80.0, "fast": 240.0}
 DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
-# words -> fraction of the way the background colour travels to a second colour over the clip
-CHANGES = {"": 0.0, "slowly shifting": 0.35, "changing completely": 1.0}
+# fraction of the way the background colour travels to a second colour over the clip
+CHANGES = (0.0, 0.35, 1.0)
 
 
 def write_video(path: Path, frames: np.ndarray, codec: str, fps: Fraction, faststart: bool = False) -> None:
@@ -90,19 +90,23 @@ def make_videos(out: Path, count: int, seconds: float, rng: np.random.Generator)
         ext, codec, fps = FORMATS[i % len(FORMATS)]
         width, height = SIZES[i % len(SIZES)]
         speed_word = list(SPEEDS)[i % len(SPEEDS)]
-        change_word = list(CHANGES)[(i // len(SPEEDS)) % len(CHANGES)]
+        change = CHANGES[(i // len(SPEEDS)) % len(CHANGES)]
         direction = list(DIRECTIONS)[(i // 2) % len(DIRECTIONS)]
         n = max(2, round(seconds * float(fps)))
         frames, colors = render_clip(rng, width, height, n, float(fps), SPEEDS[speed_word],
-                                     DIRECTIONS[direction], CHANGES[change_word])
+                                     DIRECTIONS[direction], change)
         path = (out / "videos" / f"clip{i:04d}_{codec.replace('lib', '')}.{ext}").resolve()
         write_video(path, frames, codec, fps)
         motion = "standing still" if speed_word == "still" else f"moving {speed_word} to the {direction}"
         caption = f"a {colors['object']} square {motion} on a {colors['background']} background"
-        if change_word:
-            caption += f", the scene {change_word} to {colors['background_end']}"
+        # The caption never says how much the look changes, and says that it changes for only
+        # every other block of (speed x change) clips: were the amount in the text, a model
+        # would read it there and ignore the appearance guidance (γa), and a prompt without
+        # such words would ask for no change whatever γa says.
+        if change and (i // (len(SPEEDS) * len(CHANGES))) % 2 == 0:
+            caption += f", the scene shifting to {colors['background_end']}"
         rows.append({"video": str(path), "caption": caption})
-        truth[str(path)] = {"speed_px_per_s": SPEEDS[speed_word], "appearance_change": CHANGES[change_word],
+        truth[str(path)] = {"speed_px_per_s": SPEEDS[speed_word], "appearance_change": change,
                             "fps": float(fps), "size": [width, height], "codec": codec, "frames": n}
     return rows, truth
 
