@@ -38,8 +38,9 @@ SIZES = [(640, 360), (320, 240), (240, 320), (480, 270), (352, 288)]
 # words -> speed in pixels per second of video (the caption names the word)
 SPEEDS = {"still": 0.0, "slowly": 20.0, "steadily": 80.0, "fast": 240.0}
 DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}
-# words -> fraction of the way the background colour travels to a second colour over the clip
-CHANGES = {"": 0.0, "slowly shifting": 0.35, "changing completely": 1.0}
+# fraction of the way the background fades over the clip (to FADE of its brightness at 1.0)
+CHANGES = (0.0, 0.35, 1.0)
+FADE = 0.25  # background brightness at the end of a full change
 
 
 def write_video(path: Path, frames: np.ndarray, codec: str, fps: Fraction, faststart: bool = False) -> None:
@@ -64,9 +65,11 @@ def write_video(path: Path, frames: np.ndarray, codec: str, fps: Fraction, fasts
 
 def render_clip(rng: np.random.Generator, width: int, height: int, n: int, fps: float,
                 speed: float, direction: tuple[int, int], change: float) -> tuple[np.ndarray, dict]:
-    """An object gliding over a gradient background whose colour drifts by `change`."""
+    """An object gliding over a gradient background whose light fades by `change` (1: to FADE)."""
     obj_name, bg0_name, bg1_name = rng.choice(list(COLORS), size=3, replace=False)
-    obj, bg0, bg1 = (np.array(COLORS[c], np.float32) for c in (obj_name, bg0_name, bg1_name))
+    # a third colour is still drawn (and unused) so that a seed keeps giving the same other draws
+    obj, bg0 = (np.array(COLORS[c], np.float32) for c in (obj_name, bg0_name))
+    bg1 = bg0 * FADE  # the light fades: where the look goes is known from the first frame
     side = max(8, min(width, height) // 5)
     x0, y0 = rng.uniform(0, width - side), rng.uniform(0, height - side)
     ramp = np.linspace(0.75, 1.0, width, dtype=np.float32)[None, :, None]
@@ -80,7 +83,7 @@ def render_clip(rng: np.random.Generator, width: int, height: int, n: int, fps: 
         y = int((y0 + direction[1] * speed * i / fps) % (height - side))
         frame[y : y + side, x : x + side] = obj
         out[i] = frame.astype(np.uint8)
-    return out, {"object": obj_name, "background": bg0_name, "background_end": bg1_name}
+    return out, {"object": obj_name, "background": bg0_name}
 
 
 def make_videos(out: Path, count: int, seconds: float, rng: np.random.Generator) -> tuple[list, dict]:
@@ -90,19 +93,23 @@ def make_videos(out: Path, count: int, seconds: float, rng: np.random.Generator)
         ext, codec, fps = FORMATS[i % len(FORMATS)]
         width, height = SIZES[i % len(SIZES)]
         speed_word = list(SPEEDS)[i % len(SPEEDS)]
-        change_word = list(CHANGES)[(i // len(SPEEDS)) % len(CHANGES)]
+        change = CHANGES[(i // len(SPEEDS)) % len(CHANGES)]
         direction = list(DIRECTIONS)[(i // 2) % len(DIRECTIONS)]
         n = max(2, round(seconds * float(fps)))
         frames, colors = render_clip(rng, width, height, n, float(fps), SPEEDS[speed_word],
-                                     DIRECTIONS[direction], CHANGES[change_word])
+                                     DIRECTIONS[direction], change)
         path = (out / "videos" / f"clip{i:04d}_{codec.replace('lib', '')}.{ext}").resolve()
         write_video(path, frames, codec, fps)
         motion = "standing still" if speed_word == "still" else f"moving {speed_word} to the {direction}"
         caption = f"a {colors['object']} square {motion} on a {colors['background']} background"
-        if change_word:
-            caption += f", the scene {change_word} to {colors['background_end']}"
+        # The caption never says how much the look changes, and says that it changes for only
+        # every other block of (speed x change) clips: were the amount in the text, a model
+        # would read it there and ignore the appearance guidance (γa), and a prompt without
+        # such words would ask for no change whatever γa says.
+        if change and (i // (len(SPEEDS) * len(CHANGES))) % 2 == 0:
+            caption += ", the light fading"
         rows.append({"video": str(path), "caption": caption})
-        truth[str(path)] = {"speed_px_per_s": SPEEDS[speed_word], "appearance_change": CHANGES[change_word],
+        truth[str(path)] = {"speed_px_per_s": SPEEDS[speed_word], "appearance_change": change,
                             "fps": float(fps), "size": [width, height], "codec": codec, "frames": n}
     return rows, truth
 
