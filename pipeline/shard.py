@@ -166,9 +166,9 @@ class ShardTask:
         if row_clips.done():
             settled[pos] = ("clips",)
 
-    def _kept(self, plan: ShardPlan, mode: str | None = "all") -> tuple[set[str], dict[int, Result]]:
+    def _kept(self, plan: ShardPlan, mode: str | None = "all") -> tuple[set[str], dict[str, Result]]:
         """`--retry-failed`: keys of the committed shard's ok rows (checked against the plan), and
-        its failures that `mode` does not redo, by position (pipeline/retry.py)."""
+        its failures that `mode` does not redo, by key (pipeline/retry.py)."""
         rows = read_status(self.store, plan.kind, plan.index)
         if any(r.get("row") is None for r in rows):  # written before the `row` column existed
             changed = len(rows) != len(plan.sources) or any(
