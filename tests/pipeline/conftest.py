@@ -71,6 +71,12 @@ def prep():
     return _prep
 
 
+@pytest.fixture(scope="session")
+def prep_once():
+    """`prep` for module- and session-scoped fixtures."""
+    return _prep
+
+
 @pytest.fixture
 def media_server(synthetic):
     """HTTP on 127.0.0.1: `/img/NAME` (200), `/missing.png` (404), `/flaky.png` (503 twice,

@@ -69,14 +69,12 @@ def panda_rows(root: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def panda_run(media, ray_session, tmp_path_factory):
-    from tests.pipeline.conftest import _prep
-
+def panda_run(media, ray_session, prep_once, tmp_path_factory):
     rows = panda_rows(media)
     pd.DataFrame([{k: str(v) if isinstance(v, list) else v for k, v in r.items()} for r in rows]).to_csv(
         media / "panda.csv", index=False)  # as shipped: Python-literal list strings
     out = tmp_path_factory.mktemp("panda") / "out"
-    assert _prep("--videos", str(media / "panda.csv"), "--out", str(out), "samples_per_shard=2") == 0
+    assert prep_once("--videos", str(media / "panda.csv"), "--out", str(out), "samples_per_shard=2") == 0
     return out, rows
 
 
