@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from shards import make_dataset, record, write_dataset_json, write_shard
-from trainlib import REPO, TINY, env
+from trainlib import REPO, TINY, env, train_args
 
 from core.config import ConfigError, load_config
 from core.shards import npy_bytes
@@ -221,21 +221,10 @@ def test_bad_samples_reach_metrics_and_console(tmp_path):
     samples[2] = [(n, b"[1]" if n.endswith(".json") else b) for n, b in samples[2]]
     write_shard(data / "videos" / "000001.tar", samples)
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "training/train.py",
-        "--config",
-        str(TINY),
-        "--data",
-        str(data),
-        "--output",
-        str(out),
-        "--max-steps",
-        "3",
-        "train.tensorboard=false",
-        "data.num_workers=0",
+    cmd = [sys.executable, "training/train.py", *train_args(
+        data, out, "--max-steps", "3", "data.num_workers=0",
         "data.shuffle_shards=1",  # file order: 3 steps of 2 read every sample of both shards
-    ]
+    )]
     done = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
